@@ -1,0 +1,109 @@
+"""Attention and rotary position embedding: the one place where attention kernels are chosen.
+
+``attention(q, k, v, mask)`` takes B×H×S×D tensors and an optional boolean key mask B×S (True = attend).
+Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, the default, any device), ``flash``
+(flash-attn 2/3 if installed, CUDA fp16/bf16) and ``sage`` (SageAttention if installed, CUDA). A
+backend that cannot serve a call (masked batch, fp32, CPU) falls back to SDPA, so results never
+depend on what is installed beyond rounding.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ZImageError
+
+
+def _sdpa(q, k, v, mask):
+    m = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+def _flash(q, k, v, mask):
+    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v, mask)
+    try:
+        from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
+    except ImportError:
+        from flash_attn import flash_attn_func
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _sage(q, k, v, mask):
+    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v, mask)
+    from sageattention import sageattn
+
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+
+BACKENDS: dict[str, tuple[Callable, str | None]] = {
+    "sdpa": (_sdpa, None),
+    "flash": (_flash, "flash_attn"),
+    "sage": (_sage, "sageattention"),
+}
+
+
+def available_backends() -> list[str]:
+    out = []
+    for name, (_, module) in BACKENDS.items():
+        if module is None or importlib.util.find_spec(module) is not None or (
+            name == "flash" and importlib.util.find_spec("flash_attn_interface") is not None
+        ):
+            out.append(name)
+    return out
+
+
+def resolve_backend(name: str | None) -> str:
+    name = (name or "sdpa").lower()
+    if name == "auto":
+        avail = available_backends()
+        return "sage" if "sage" in avail else "flash" if "flash" in avail else "sdpa"
+    if name not in BACKENDS:
+        raise ZImageError(f"Unknown attention backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}.")
+    if name not in available_backends():
+        raise ZImageError(
+            f"Attention backend {name!r} needs the Python package {BACKENDS[name][1]!r}, which is not installed "
+            "in this environment. Install it, or choose 'sdpa'."
+        )
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str = "sdpa"):
+    return BACKENDS[backend][0](q, k, v, mask)
+
+
+# ---- rotary position embedding --------------------------------------------------------------------
+
+
+def rope_angles(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """Angles for position ids (… × n_axes, integer) → … × (head_dim/2).
+
+    Frequencies and the products are formed in float64 and rounded once, exactly as the reference
+    builds its table, so any position (no table length limit) gives the reference's value.
+    """
+    parts = []
+    for i, d in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d))
+        parts.append(ids[..., i].to(torch.float64)[..., None] * freqs)
+    ang = torch.cat(parts, dim=-1)
+    return ang if dtype == torch.float64 else ang.float()
+
+
+def rope_cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles; x is B×H×S×D, cos/sin B×1×S×D/2 (fp32 or fp64)."""
+    dtype = x.dtype
+    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return out.to(dtype)

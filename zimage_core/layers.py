@@ -1,0 +1,78 @@
+"""Building blocks shared by the transformer and the text encoder.
+
+``Linear`` keeps its weight in the storage dtype it was loaded with (bf16, fp16, fp32, or fp8 with an
+optional per-tensor scale) and casts it to the activation dtype at call time, so an fp8 file costs fp8
+memory and a bf16 file can run in fp32 without a second full copy. Run-time weight patches (LoRA on
+fp8 storage) hook in here too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        # fp8 checkpoints with a scale: real weight = weight.to(compute) * weight_scale
+        self.weight_scale: torch.Tensor | None = None
+        # run-time low-rank patches: list of (down [r, in], up [out, r], factor); see lora.py
+        self.patches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale.to(device=w.device, dtype=dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        y = F.linear(x, self.compute_weight(x.dtype), b)
+        for down, up, factor in self.patches:
+            y = y + F.linear(F.linear(x, down.to(device=x.device, dtype=x.dtype)), up.to(device=x.device, dtype=x.dtype)) * factor
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}→{self.out_features}, storage={self.weight.dtype}"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 (at least), result in the input dtype, then scaled: as diffusers and transformers do."""
+    dtype = x.dtype
+    xf = x if dtype == torch.float64 else x.float()
+    y = F.rms_norm(xf, (x.shape[-1],), eps=eps).to(dtype)
+    return y if weight is None else y * weight.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the feed-forward of both Z-Image and Qwen3 (gate=w1, up=w3, down=w2)."""
+
+    def __init__(self, dim: int, hidden: int, device=None):
+        super().__init__()
+        self.w1 = Linear(dim, hidden, bias=False, device=device)
+        self.w2 = Linear(hidden, dim, bias=False, device=device)
+        self.w3 = Linear(dim, hidden, bias=False, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

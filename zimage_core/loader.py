@@ -1,0 +1,114 @@
+"""Filling a module built on the meta device from a file, tensor by tensor.
+
+Each target tensor is produced from its source keys only when it is assigned, converted once, and the
+source pages are released, so peak memory stays near the weights at their target dtype. ``Linear``
+weights keep a storage dtype (fp8 stays fp8; a bf16 file run in fp32 stays bf16); everything else is
+stored in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ZImageError
+from .layers import FP8_DTYPES, Linear
+from .quant import quantize_fp8, read_weight
+
+
+@dataclass
+class Source:
+    """Where one internal tensor comes from: file keys concatenated along dim 0, each with an optional scale key."""
+
+    keys: list[str]
+    scales: list[str | None] = field(default_factory=list)
+
+
+def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    if file_dtype in FP8_DTYPES:
+        return file_dtype
+    if file_dtype.is_floating_point and file_dtype.itemsize <= compute.itemsize:
+        return file_dtype
+    return compute
+
+
+def _gather(files, src: Source, formats) -> tuple[torch.Tensor, torch.Tensor | None]:
+    parts = [read_weight(files, k, formats) if k.endswith(".weight") else files.get(k) for k in src.keys]
+    scales = src.scales or [None] * len(parts)
+    if all(s is None for s in scales):
+        scale = None
+    elif len(parts) == 1:
+        scale = files.get(scales[0]).float().reshape(())
+    else:  # e.g. separately scaled q, k, v fused into one qkv: a per-row scale keeps it exact
+        rows = []
+        for p, s in zip(parts, scales):
+            v = files.get(s).float().reshape(()) if s is not None else torch.ones(())
+            rows.append(v.expand(p.shape[0]))
+        scale = torch.cat(rows)[:, None]
+    if len(parts) == 1:
+        return parts[0], scale
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) > 1:  # mixed storage across fused parts: fall back to the widest float
+        parts = [p.float() for p in parts]
+    return torch.cat(parts, dim=0), scale
+
+
+def fill_module(
+    module: nn.Module,
+    files,
+    plan: dict[str, Source],
+    *,
+    compute_dtype: torch.dtype,
+    storage_dtype: torch.dtype | None,
+    device: torch.device | str,
+    formats: dict[str, str] | None = None,
+    what: str = "model",
+    on_tensor: Callable[[str], None] | None = None,
+) -> None:
+    """Assign every parameter of ``module`` (on meta) from ``plan``; shapes are checked against the module."""
+    formats = formats or {}
+    device = torch.device(device)
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, Linear)}
+    wanted = dict(module.named_parameters())
+    missing = [k for k in wanted if k not in plan]
+    if missing:
+        raise ZImageError(
+            f"{files.path}: {len(missing)} tensor(s) the {what} needs are missing, e.g. {', '.join(missing[:4])}. "
+            "The file is incomplete or is a different variant."
+        )
+    for name, param in wanted.items():
+        src = plan[name]
+        t, scale = _gather(files, src, formats)
+        if tuple(t.shape) != tuple(param.shape):
+            raise ZImageError(
+                f"{files.path}: tensor {src.keys[0]} has shape {list(t.shape)}, expected {list(param.shape)} "
+                f"for {name}. The file does not match this {what}'s architecture."
+            )
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        is_linear_weight = owner_name in linears and leaf == "weight"
+        if is_linear_weight:
+            target = storage_dtype_for(t.dtype, compute_dtype, storage_dtype)
+            if target in FP8_DTYPES and t.dtype != target:
+                base = t.to(torch.float32) * scale if scale is not None else t
+                t, scale = quantize_fp8(base, target)
+            elif target not in FP8_DTYPES and scale is not None:  # dequantise fp8 into a float storage
+                t, scale = (t.to(torch.float32) * scale).to(target), None
+            else:
+                t = t.to(target)
+            owner.weight_scale = None if scale is None else scale.to(device)
+        else:
+            t = t.to(torch.float32) * scale if scale is not None else t
+            t = t.to(compute_dtype)
+        t = t.to(device)
+        setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
+        for k in src.keys:
+            if t.data_ptr() != files.get(k).data_ptr():
+                files.release(k)
+        if on_tensor:
+            on_tensor(name)

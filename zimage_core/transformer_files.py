@@ -1,0 +1,148 @@
+"""Z-Image transformer files: their key layouts → our internal names (the ComfyUI single-file names), and loading.
+
+* ComfyUI single file: internal names as they are, optionally under ``model.diffusion_model.`` /
+  ``diffusion_model.``; a stray ``norm_final.weight`` (written by some converters) is ignored.
+* diffusers (HF ``transformer/`` folder): ``all_x_embedder.2-1`` → ``x_embedder``, ``all_final_layer.2-1`` →
+  ``final_layer``, ``attention.to_q/to_k/to_v`` → one fused ``attention.qkv`` (q, k, v rows),
+  ``attention.to_out.0`` → ``attention.out``, ``attention.norm_q/norm_k`` → ``attention.q_norm/k_norm``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .attention import resolve_backend
+from .detect import describe, strip_prefix
+from .errors import ZImageError
+from .loader import Source, fill_module
+from .quant import IGNORED_SUFFIXES, layer_formats, scale_key
+from .safetensors_io import open_weights
+from .transformer import ZImageConfig, ZImageTransformer
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+IGNORED_KEYS = ("norm_final.weight", "scaled_fp8")
+
+_DIFFUSERS_RENAMES = [
+    (re.compile(r"^all_x_embedder\.2-1\."), "x_embedder."),
+    (re.compile(r"^all_final_layer\.2-1\."), "final_layer."),
+    (re.compile(r"\.attention\.to_out\.0\."), ".attention.out."),
+    (re.compile(r"\.attention\.norm_q\."), ".attention.q_norm."),
+    (re.compile(r"\.attention\.norm_k\."), ".attention.k_norm."),
+]
+_QKV = re.compile(r"^(.*)\.attention\.to_([qkv])\.weight$")
+
+
+def transformer_layout(keys: list[str]) -> tuple[str, str]:
+    """(prefix, 'comfyui' | 'diffusers') of a Z-Image transformer key set."""
+    prefix = strip_prefix(keys, PREFIXES, "cap_embedder.1.weight")
+    layout = "diffusers" if any(k.startswith(prefix + "all_x_embedder.") for k in keys) else "comfyui"
+    return prefix, layout
+
+
+def internal_name(key: str, layout: str) -> str:
+    """Map one (prefix-free) file key to the internal name; to_q/to_k/to_v map to the fused qkv."""
+    if layout == "diffusers":
+        m = _QKV.match(key)
+        if m:
+            return f"{m.group(1)}.attention.qkv.weight"
+        for pat, rep in _DIFFUSERS_RENAMES:
+            key = pat.sub(rep, key)
+    return key
+
+
+def transformer_plan(files) -> tuple[dict[str, Source], list[str], str]:
+    """Internal name → Source for every tensor in ``files``; also the unexpected keys and the layout name."""
+    keys = files.keys()
+    prefix, layout = transformer_layout(keys)
+    plan: dict[str, Source] = {}
+    unexpected: list[str] = []
+    qkv: dict[str, dict[str, str]] = {}
+    for k in keys:
+        if not k.startswith(prefix):
+            unexpected.append(k)
+            continue
+        bare = k[len(prefix) :]
+        if bare in IGNORED_KEYS or bare.endswith(IGNORED_SUFFIXES) or bare.endswith((".scale_weight", ".weight_scale")):
+            continue
+        m = _QKV.match(bare) if layout == "diffusers" else None
+        if m:
+            qkv.setdefault(f"{m.group(1)}.attention.qkv.weight", {})[m.group(2)] = k
+            continue
+        sk = scale_key(files, k) if k.endswith(".weight") else None
+        plan[internal_name(bare, layout)] = Source([k], [sk])
+    for name, parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:  # an incomplete set leaves the fused name missing, reported by the loader
+            ks = [parts["q"], parts["k"], parts["v"]]
+            plan[name] = Source(ks, [scale_key(files, k) for k in ks])
+    return plan, unexpected, layout
+
+
+def internal_shape_fn(files, plan: dict[str, Source]):
+    """shape(internal_name) from the file header, for reading the config before any data."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        src = plan[name]
+        s = list(files.shape(src.keys[0]))
+        if len(src.keys) > 1:
+            s[0] = sum(files.shape(k)[0] for k in src.keys)
+        return tuple(s)
+
+    return shape
+
+
+def default_compute_dtype(files, plan: dict[str, Source]) -> torch.dtype:
+    """The file's own float type for bf16/fp16/fp32 files; bf16 for fp8 files."""
+    dt = files.dtype(plan["layers.0.feed_forward.w1.weight"].keys[0])
+    return dt if dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.bfloat16
+
+
+def check_unexpected(files, unexpected: list[str], what: str) -> None:
+    if unexpected:
+        raise ZImageError(
+            f"{files.path}: {len(unexpected)} tensor(s) do not belong to a {what}, e.g. "
+            f"{', '.join(sorted(unexpected)[:4])}. The file is a different variant or was merged with something else."
+        )
+
+
+def load_transformer(
+    path: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype | None = None,
+    attention_backend: str = "sdpa",
+) -> ZImageTransformer:
+    """Load a Z-Image transformer from a ComfyUI single file or a diffusers folder (``transformer/`` or its parent).
+
+    ``dtype`` is the compute dtype (default: the file's, bf16 for fp8 files). Linear weights keep their
+    storage dtype unless ``storage_dtype`` asks otherwise (an fp8 type quantises per tensor on load).
+    """
+    files = open_weights(path, subfolder="transformer")
+    kind = describe(files.keys(), files.shape)
+    if not kind.startswith("Z-Image"):
+        raise ZImageError(
+            f"{files.path} looks like a {kind}, not a Z-Image transformer. Choose a Z-Image diffusion model "
+            "(e.g. z_image_turbo_bf16.safetensors from Comfy-Org/z_image_turbo, in models/diffusion_models)."
+        )
+    formats = layer_formats(files)
+    plan, unexpected, layout = transformer_plan(files)
+    try:
+        cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
+    except (KeyError, ValueError, IndexError) as e:
+        raise ZImageError(
+            f"{files.path}: cannot read the transformer's sizes from its weights ({e}); the file is incomplete or "
+            "not a Z-Image checkpoint."
+        ) from None
+    compute = dtype or default_compute_dtype(files, plan)
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, dtype=compute)
+    names = dict(model.named_parameters())
+    check_unexpected(files, unexpected + [plan[k].keys[0] for k in plan if k not in names], "Z-Image transformer")
+    fill_module(
+        model, files, plan, compute_dtype=compute, storage_dtype=storage_dtype, device=device,
+        formats=formats, what="Z-Image transformer",
+    )
+    model.set_attention_backend(resolve_backend(attention_backend))
+    model.source_path, model.source_layout = files.path, layout
+    return model.eval()
