@@ -96,14 +96,14 @@ def rope_angles(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float, dty
     return ang if dtype == torch.float64 else ang.float()
 
 
-def rope_cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cos(angles), torch.sin(angles)
+def rope_freqs(angles: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^{iθ} (complex64, or complex128 for float64 angles)."""
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angles; x is B×H×S×D, cos/sin B×1×S×D/2 (fp32 or fp64)."""
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers; x is B×H×S×D, freqs B×1×S×D/2 complex."""
     dtype = x.dtype
-    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return out.to(dtype)
+    real = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
+    xc = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).to(dtype)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import apply_rope, attention, rope_angles
+from .attention import apply_rope, attention, rope_angles, rope_freqs
 from .layers import Linear, RMSNorm, SwiGLU
 
 SEQ_MULTIPLE = 32
@@ -113,8 +113,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).transpose(1, 3).unbind(2)
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
         o = attention(q, k, v, mask, self.backend)
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -146,8 +146,8 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, temb=None):
         if self.modulated:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(temb)
-            x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, mask))
-            return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
+            x = torch.addcmul(x, gate_msa, self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, mask)))
+            return torch.addcmul(x, gate_mlp, self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp)))
         x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
         return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
 
@@ -186,7 +186,7 @@ class Packed:
     """Sequences of different lengths stacked into one B×S×D batch, with their rope and key mask."""
 
     x: torch.Tensor
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: torch.Tensor
     mask: torch.Tensor | None
     lengths: list[int]
 
@@ -210,7 +210,7 @@ def pack(seqs: list[torch.Tensor], ids: list[torch.Tensor], axes_dims, theta: fl
         for i, (s, p) in enumerate(zip(seqs, ids)):
             x[i, : len(s)], pid[i, : len(s)], mask[i, : len(s)] = s, p, True
     ang = rope_angles(pid, axes_dims, theta, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    rope = (torch.cos(ang)[:, None], torch.sin(ang)[:, None])
+    rope = rope_freqs(ang)[:, None]
     return Packed(x, rope, mask, lengths)
 
 
