@@ -116,7 +116,7 @@ def test_bf16_within_measured_bound(refs, tmp_path):
     for o, r, d in zip(ours, truth, theirs):
         e_ours, e_diff = rel_err(o, r), rel_err(d, r)
         assert o.dtype == torch.bfloat16
-        assert e_ours < 1.5e-2 and e_ours < 1.5 * e_diff + 1e-3, (e_ours, e_diff)
+        assert e_ours < 2e-2 and e_ours < 1.5 * e_diff + 1e-3, (e_ours, e_diff)
 
 
 def test_bf16_file_runs_in_fp32_without_a_second_copy(refs, tmp_path):

@@ -1,6 +1,7 @@
 """Attention and rotary position embedding: the one place where attention kernels are chosen.
 
-``attention(q, k, v, mask)`` takes B×H×S×D tensors and an optional boolean key mask B×S (True = attend).
+``attention(q, k, v, mask)`` takes B×H×S×D tensors and an optional boolean key mask B×S (True = attend);
+k and v may have fewer heads (grouped-query attention).
 Backends: ``sdpa`` (PyTorch scaled_dot_product_attention, the default, any device), ``flash``
 (flash-attn 2/3 if installed, CUDA fp16/bf16) and ``sage`` (SageAttention if installed, CUDA). A
 backend that cannot serve a call (masked batch, fp32, CPU) falls back to SDPA, so results never
@@ -18,29 +19,34 @@ import torch.nn.functional as F
 from .errors import ZImageError
 
 
-def _sdpa(q, k, v, mask):
+def _sdpa(q, k, v, mask, causal=False):
     m = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal and m is None, enable_gqa=gqa)
 
 
-def _flash(q, k, v, mask):
-    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return _sdpa(q, k, v, mask)
+def _fast_ok(q, mask) -> bool:
+    return mask is None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash(q, k, v, mask, causal=False):
+    if not _fast_ok(q, mask):
+        return _sdpa(q, k, v, mask, causal)
     try:
         from flash_attn_interface import flash_attn_func  # FA3 (Hopper)
     except ImportError:
         from flash_attn import flash_attn_func
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
     out = out[0] if isinstance(out, tuple) else out
     return out.transpose(1, 2)
 
 
-def _sage(q, k, v, mask):
-    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return _sdpa(q, k, v, mask)
+def _sage(q, k, v, mask, causal=False):
+    if not _fast_ok(q, mask) or k.shape[1] != q.shape[1]:
+        return _sdpa(q, k, v, mask, causal)
     from sageattention import sageattn
 
-    return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=causal)
 
 
 BACKENDS: dict[str, tuple[Callable, str | None]] = {
@@ -75,8 +81,9 @@ def resolve_backend(name: str | None) -> str:
     return name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, backend: str = "sdpa"):
-    return BACKENDS[backend][0](q, k, v, mask)
+def attention(q, k, v, mask: torch.Tensor | None, backend: str = "sdpa", causal: bool = False) -> torch.Tensor:
+    """B×H×S×D attention; k/v may have fewer heads (grouped-query); ``causal`` for the text encoder."""
+    return BACKENDS[backend][0](q, k, v, mask, causal)
 
 
 # ---- rotary position embedding --------------------------------------------------------------------

@@ -53,6 +53,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
+class Embedding(nn.Module):
+    """Token embedding whose table keeps its storage dtype (like ``Linear``); rows are cast on lookup."""
+
+    def __init__(self, num: int, dim: int, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim, device=device), requires_grad=False)
+        self.weight_scale: torch.Tensor | None = None
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        rows = F.embedding(ids.to(self.weight.device), self.weight).to(dtype)
+        if self.weight_scale is not None:
+            rows = rows * self.weight_scale.to(device=rows.device, dtype=dtype)
+        return rows
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, device=None):
         super().__init__()

@@ -2,7 +2,7 @@
 
 Each target tensor is produced from its source keys only when it is assigned, converted once, and the
 source pages are released, so peak memory stays near the weights at their target dtype. ``Linear``
-weights keep a storage dtype (fp8 stays fp8; a bf16 file run in fp32 stays bf16); everything else is
+and ``Embedding`` weights keep a storage dtype (fp8 stays fp8; a bf16 file run in fp32 stays bf16); everything else is
 stored in the compute dtype.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ZImageError
-from .layers import FP8_DTYPES, Linear
+from .layers import FP8_DTYPES
 from .quant import quantize_fp8, read_weight
 
 
@@ -73,7 +73,8 @@ def fill_module(
     """Assign every parameter of ``module`` (on meta) from ``plan``; shapes are checked against the module."""
     formats = formats or {}
     device = torch.device(device)
-    linears = {name: m for name, m in module.named_modules() if isinstance(m, Linear)}
+    # modules whose weight keeps a storage dtype (Linear, Embedding): they carry a weight_scale slot
+    stored = {name for name, m in module.named_modules() if hasattr(m, "weight_scale")}
     wanted = dict(module.named_parameters())
     missing = [k for k in wanted if k not in plan]
     if missing:
@@ -91,8 +92,7 @@ def fill_module(
             )
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        is_linear_weight = owner_name in linears and leaf == "weight"
-        if is_linear_weight:
+        if owner_name in stored and leaf == "weight":
             target = storage_dtype_for(t.dtype, compute_dtype, storage_dtype)
             if target in FP8_DTYPES and t.dtype != target:
                 base = t.to(torch.float32) * scale if scale is not None else t

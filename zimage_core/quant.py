@@ -24,8 +24,10 @@ IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
 
-def layer_formats(files) -> dict[str, str]:
-    """Layer (file key without '.weight') → quantisation format named by the file, if any."""
+def layer_formats(files, wanted: set[str] | None = None) -> dict[str, str]:
+    """Layer (file key without '.weight') → quantisation format named by the file, if any.
+
+    ``wanted`` limits which per-layer configs are read (layers we never load are not touched)."""
     out: dict[str, str] = {}
     meta = files.metadata.get("_quantization_metadata")
     if meta:
@@ -35,14 +37,14 @@ def layer_formats(files) -> dict[str, str]:
         except (ValueError, AttributeError):
             raise ZImageError(f"{files.path}: unreadable _quantization_metadata in the file header.") from None
     for k in files.keys():
-        if k.endswith(".comfy_quant"):
+        if k.endswith(".comfy_quant") and (wanted is None or k[: -len(".comfy_quant")] in wanted):
             try:
                 conf = json.loads(files.get(k).numpy().tobytes())
             except ValueError:
                 raise ZImageError(f"{files.path}: unreadable quantisation config {k}.") from None
             out[k[: -len(".comfy_quant")]] = conf.get("format")
     for layer, fmt in out.items():
-        if fmt not in FP8_FORMATS:
+        if fmt not in FP8_FORMATS and (wanted is None or layer in wanted):
             raise ZImageError(
                 f"{files.path}: layer {layer} uses quantisation format {fmt!r}, which this pack does not run "
                 f"(supported: bf16/fp16/fp32 and {', '.join(FP8_FORMATS)}). Use a bf16 or fp8 file instead."

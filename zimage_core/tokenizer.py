@@ -1,0 +1,142 @@
+"""The Qwen byte-level BPE tokenizer (through the ``tokenizers`` library) and Z-Image's prompt template.
+
+Z-Image encodes ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` and cuts the token
+sequence at 512. We build that string ourselves: a tokenizer's own chat template may add a default
+system prompt (ComfyUI's Qwen2.5-style config does), which would change every embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .errors import ZImageError
+
+log = logging.getLogger("zimage")
+
+TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 512
+PAD_ID = 151643  # <|endoftext|>
+_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+_NEEDED = ("vocab.json", "merges.txt")
+
+
+def _has_files(folder: str | None) -> bool:
+    return bool(folder) and (
+        os.path.isfile(os.path.join(folder, "tokenizer.json")) or all(os.path.isfile(os.path.join(folder, n)) for n in _NEEDED)
+    )
+
+
+def comfyui_tokenizer_dir() -> str | None:
+    """The Qwen tokenizer ComfyUI ships, when we run inside ComfyUI (found without importing it)."""
+    roots = []
+    comfy = sys.modules.get("comfy")
+    if comfy is not None and getattr(comfy, "__path__", None):
+        roots.append(list(comfy.__path__)[0])
+    if os.environ.get("COMFYUI_PATH"):
+        roots.append(os.path.join(os.environ["COMFYUI_PATH"], "comfy"))
+    for r in roots:
+        d = os.path.join(r, "text_encoders", "qwen25_tokenizer")
+        if _has_files(d):
+            return d
+    return None
+
+
+def find_tokenizer_dir(explicit: str | None = None, model_path: str | None = None) -> str:
+    """Explicit path → ``tokenizer/`` of an HF model folder → ComfyUI's bundled copy → error saying where to put it."""
+    tried = []
+    if explicit:
+        if _has_files(explicit):
+            return explicit
+        if _has_files(os.path.join(explicit, "tokenizer")):
+            return os.path.join(explicit, "tokenizer")
+        raise ZImageError(f"Tokenizer folder {explicit} has no tokenizer.json or vocab.json + merges.txt.")
+    if model_path:
+        base = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+        for cand in (os.path.join(base, "tokenizer"), os.path.join(os.path.dirname(base), "tokenizer")):
+            tried.append(cand)
+            if _has_files(cand):
+                return cand
+    env = os.environ.get("ZIMAGE_TOKENIZER")
+    if env and _has_files(env):
+        return env
+    bundled = comfyui_tokenizer_dir()
+    if bundled:
+        return bundled
+    raise ZImageError(
+        "The Qwen tokenizer files were not found"
+        + (f" (looked in {', '.join(tried)})" if tried else "")
+        + ". Put vocab.json, merges.txt and tokenizer_config.json from the 'tokenizer' folder of "
+        "Tongyi-MAI/Z-Image-Turbo into a folder and pass it as tokenizer=..., or set ZIMAGE_TOKENIZER to it; "
+        "inside ComfyUI the copy in comfy/text_encoders/qwen25_tokenizer is used."
+    )
+
+
+def build_tokenizer(folder: str) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` equal to transformers' Qwen2Tokenizer for the same files."""
+    tj = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(tj):
+        return Tokenizer.from_file(tj)
+    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    merges = []
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line and not line.startswith("#version"):
+                a, b = line.split(" ")
+                merges.append((a, b))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated", invert=False),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    added = {}
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            added = json.load(f).get("added_tokens_decoder", {})
+    if not added:  # the bare vocabulary: at least the end-of-text and chat markers
+        added = {str(PAD_ID + i): {"content": c, "special": True} for i, c in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    for idx in sorted(added, key=int):
+        a = added[idx]
+        token = AddedToken(a["content"], single_word=a.get("single_word", False), lstrip=a.get("lstrip", False),
+                           rstrip=a.get("rstrip", False), normalized=a.get("normalized", False), special=a.get("special", False))
+        (tok.add_special_tokens if a.get("special") else tok.add_tokens)([token])
+        if tok.token_to_id(a["content"]) != int(idx):
+            raise ZImageError(f"{folder}: added token {a['content']!r} got id {tok.token_to_id(a['content'])}, expected {idx}.")
+    return tok
+
+
+class PromptTokenizer:
+    """Prompt strings → token id lists in Z-Image's chat template, cut at ``max_tokens`` with a warning."""
+
+    def __init__(self, folder: str, max_tokens: int = MAX_TOKENS):
+        self.folder, self.max_tokens = folder, max_tokens
+        self.tok = build_tokenizer(folder)
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids per prompt and how many tokens each lost to the limit."""
+        out, dropped = [], []
+        for p in prompts:
+            ids = self.ids(TEMPLATE.format(p))
+            cut = max(0, len(ids) - self.max_tokens)
+            if cut:
+                log.warning(
+                    "Prompt is %d tokens long with the template; Z-Image reads at most %d, so the last %d tokens "
+                    "were dropped (…%r).", len(ids), self.max_tokens, cut, self.tok.decode(ids[self.max_tokens:])[:60]
+                )
+            out.append(ids[: self.max_tokens])
+            dropped.append(cut)
+        return out, dropped
