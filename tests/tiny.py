@@ -102,3 +102,104 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative norm error ||a − b|| / ||b||, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+# ---- text encoder and autoencoder ----------------------------------------------------------------
+
+
+def tiny_qwen(seed: int = 0, dtype=torch.float32, hidden: int = 32, layers: int = 3):
+    from transformers import Qwen3Config, Qwen3Model
+
+    c = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=1e6, rms_norm_eps=1e-6)
+    return randomize_(Qwen3Model(c), seed).to(dtype).eval()
+
+
+def save_qwen_comfyui(model, path: str, dtype=None) -> str:
+    """ComfyUI's text_encoders/qwen_3_4b.safetensors layout: HF Qwen3 names under 'model.'."""
+    sd = {"model." + k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(sd, path)
+    return path
+
+
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[32, 32, 64, 64], layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    m = AutoencoderKL(**TINY_VAE)
+    with torch.no_grad():  # a gentler randomisation than randomize_: deep conv stacks blow up with unit gains
+        g = torch.Generator().manual_seed(seed)
+        for name, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * r if name.endswith("weight") else 0.1 * r)
+            elif p.ndim >= 2:
+                p.copy_(r / (p[0].numel() ** 0.5))
+            else:
+                p.copy_(0.05 * r)
+    return m.eval()
+
+
+def bfl_vae_state_dict(sd: dict[str, torch.Tensor], n_levels: int = 4) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL names → BFL ae.safetensors names (written independently of the loader)."""
+    out = {}
+    for k, v in sd.items():
+        n = k
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", n)
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n)
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$", n)
+        if m:
+            n = f"decoder.up.{n_levels - 1 - int(m.group(1))}.block.{m.group(2)}.{m.group(3)}"
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)$", n)
+        if m:
+            n = f"decoder.up.{n_levels - 1 - int(m.group(1))}.upsample.{m.group(2)}"
+        n = n.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
+        n = n.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
+        for a in "qkv":
+            n = n.replace(f".mid_block.attentions.0.to_{a}.", f".mid.attn_1.{a}.")
+        n = n.replace(".mid_block.attentions.0.to_out.0.", ".mid.attn_1.proj_out.")
+        n = n.replace(".conv_norm_out.", ".norm_out.").replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".attn_1." in n and n.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[n] = v.contiguous()
+    return out
+
+
+def save_bfl_vae(model, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_file(bfl_vae_state_dict(model.state_dict()), path)
+    return path
+
+
+def write_models_dir(root: str, dit=None, te=None, vae=None, dit_name="z_image_turbo_bf16.safetensors",
+                     te_name="qwen_3_4b.safetensors", vae_name="ae.safetensors") -> dict[str, str]:
+    """A ComfyUI-style models/ folder with tiny weights under the real file names."""
+    dit = dit if dit is not None else diffusers_transformer(seed=1)
+    te = te if te is not None else tiny_qwen(0)
+    vae = vae if vae is not None else tiny_vae(0)
+    return {
+        "transformer": save_comfyui(dit, os.path.join(root, "diffusion_models", dit_name)),
+        "text_encoder": save_qwen_comfyui(te, os.path.join(root, "text_encoders", te_name)),
+        "vae": save_bfl_vae(vae, os.path.join(root, "vae", vae_name)),
+    }
+
+
+def sample_picture(w: int = 64, h: int = 64, seed: int = 0):
+    """A smooth RGB test picture (gradients and a disc) as a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(0.2, 0.8, 3)
+    r = (x / w) * c[0] + 0.2 * np.sin(y / 7)
+    g = (y / h) * c[1] + 0.1
+    b = ((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2) * c[2]
+    a = np.clip(np.stack([r, g, b], -1), 0, 1)
+    return Image.fromarray((a * 255).round().astype("uint8"))

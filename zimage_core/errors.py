@@ -3,3 +3,7 @@
 
 class ZImageError(Exception):
     """A problem with the user's input or files; the message names the file or value and says what to do."""
+
+
+class ZImageInterrupted(Exception):
+    """Sampling was cancelled by the caller between blocks or steps; the model is left ready for the next run."""

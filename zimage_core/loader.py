@@ -25,6 +25,7 @@ class Source:
 
     keys: list[str]
     scales: list[str | None] = field(default_factory=list)
+    view: tuple[int, ...] | None = None  # reshape after reading (e.g. a linear stored for a 1×1 conv)
 
 
 def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -85,6 +86,8 @@ def fill_module(
     for name, param in wanted.items():
         src = plan[name]
         t, scale = _gather(files, src, formats)
+        if src.view is not None and t.numel() == param.numel():
+            t = t.reshape(src.view)
         if tuple(t.shape) != tuple(param.shape):
             raise ZImageError(
                 f"{files.path}: tensor {src.keys[0]} has shape {list(t.shape)}, expected {list(param.shape)} "

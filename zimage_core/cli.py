@@ -1,0 +1,159 @@
+"""``python -m zimage_core generate …`` — the standalone pipeline; ``info FILE`` tells what a weight file is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from .errors import ZImageError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zimage_core", description="Z-Image-Turbo / Z-Image in plain PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text-to-image, image-to-image and inpainting to PNG files")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--negative-prompt", "-n", default="")
+    g.add_argument("--preset", choices=["turbo", "base"], default="turbo",
+                   help="turbo: 8 steps, no CFG; base: 28 steps, CFG 4 (ComfyUI convention, 1 = off)")
+    g.add_argument("--width", type=int, default=None, help="multiple of 16 (default 1024, or the init image's width)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--cfg", type=float, default=None, help="guidance, ComfyUI convention: 1 = off; diffusers' guidance_scale g = cfg − 1")
+    g.add_argument("--cfg-normalization", type=float, default=0.0, help="cap ‖guided‖ at k·‖conditional‖ (0 = off)")
+    g.add_argument("--cfg-truncation", type=float, default=1.0, help="no guidance once model time exceeds this (1 = never)")
+    g.add_argument("--shift", type=float, default=3.0)
+    g.add_argument("--seed", type=int, default=0, help="same seed → same noise as ComfyUI's samplers")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--init-image", help="image for image-to-image / inpainting")
+    g.add_argument("--strength", type=float, default=0.6, help="image-to-image strength (with --init-image)")
+    g.add_argument("--mask", help="inpainting mask, white = regenerate (with --init-image)")
+    g.add_argument("--output", "-o", default="zimage.png", help="PNG path; a batch gets _00001… suffixes")
+    g.add_argument("--models", help="a ComfyUI models/ folder (diffusion_models, text_encoders, vae)")
+    g.add_argument("--hf", help="an HF-layout Z-Image folder (transformer/, text_encoder/, tokenizer/, vae/)")
+    g.add_argument("--transformer")
+    g.add_argument("--text-encoder")
+    g.add_argument("--vae")
+    g.add_argument("--tokenizer", help="folder with the Qwen tokenizer files (vocab.json, merges.txt)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH", help="apply a LoRA (repeatable)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--vae-tile", type=int, default=None, help="exact tiled VAE encode/decode with tiles of this many pixels (low memory, no seams)")
+    i = sub.add_parser("info", help="describe a weight file or folder")
+    i.add_argument("path")
+    return p
+
+
+def _default_models_dir() -> str | None:
+    for cand in (os.environ.get("COMFYUI_PATH") and os.path.join(os.environ["COMFYUI_PATH"], "models"),
+                 os.path.expanduser("~/ComfyUI/models")):
+        if cand and os.path.isdir(cand):
+            return cand
+    return None
+
+
+def _png_info(settings, extra: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    s = settings
+    info.add_text("parameters", f"{s.prompt}\nNegative prompt: {s.negative_prompt}\nSteps: {s.steps}, CFG: {s.cfg}, "
+                                f"Shift: {s.shift}, Seed: {s.seed}, Size: {s.width}x{s.height}, Model: Z-Image ({s.preset})")
+    info.add_text("zimage", json.dumps({**asdict(s), **extra}))
+    return info
+
+
+def generate(a) -> list[str]:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .pipeline import GenerationSettings, ZImagePipeline, find_weights
+
+    paths = find_weights(a.models or (None if (a.hf or a.transformer) else _default_models_dir()), a.hf,
+                         a.transformer, a.text_encoder, a.vae, a.tokenizer)
+    init = Image.open(a.init_image).convert("RGB") if a.init_image else None
+    mask = Image.open(a.mask) if a.mask else None
+    width, height = a.width, a.height
+    if init is not None and width is None and height is None:
+        width, height = init.size
+        if width % 16 or height % 16:
+            w16, h16 = width // 16 * 16, height // 16 * 16
+            logging.warning("init image %dx%d is not a multiple of 16; center-cropping it to %dx%d", width, height, w16, h16)
+            left, top = (width - w16) // 2, (height - h16) // 2
+            init = init.crop((left, top, left + w16, top + h16))
+            mask = mask.crop((left, top, left + w16, top + h16)) if mask is not None and mask.size == (width, height) else mask
+            width, height = w16, h16
+    settings = GenerationSettings(
+        prompt=a.prompt, negative_prompt=a.negative_prompt, width=width or 1024, height=height or 1024, steps=a.steps,
+        cfg=a.cfg, shift=a.shift, seed=a.seed, batch_size=a.batch_size, preset=a.preset,
+        strength=a.strength if init is not None else 1.0, cfg_normalization=a.cfg_normalization, cfg_truncation=a.cfg_truncation,
+    )
+    t0 = time.perf_counter()
+    with tqdm(total=3, desc="loading", unit="model", disable=None) as bar:
+        pipe = ZImagePipeline.from_paths(paths, dtype=DTYPES[a.dtype], device=a.device)
+        bar.update(3)
+    if a.lora:
+        from .lora import apply_lora_specs
+
+        apply_lora_specs(pipe.transformer, a.lora)
+    load_s = time.perf_counter() - t0
+    bar = tqdm(desc="sampling", unit="step", disable=None)
+
+    def on_step(st):
+        bar.total = st.total
+        bar.update(1)
+
+    images, _ = pipe(settings, init_image=init, mask=mask, callback=on_step, vae_tile=a.vae_tile)
+    bar.close()
+    resolved = settings.resolved()
+    out = []
+    stem, ext = os.path.splitext(a.output)
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    for k, im in enumerate(images):
+        path = a.output if len(images) == 1 else f"{stem}_{k + 1:05d}{ext or '.png'}"
+        extra = {"batch_index": k, "transformer": paths.transformer, "text_encoder": paths.text_encoder, "vae": paths.vae,
+                 "init_image": a.init_image, "mask": a.mask, "lora": a.lora, "dtype": a.dtype}
+        im.save(path, pnginfo=_png_info(resolved, extra))
+        out.append(path)
+    print(f"wrote {', '.join(out)} ({time.perf_counter() - t0 - load_s:.1f} s sampling, {load_s:.1f} s loading)")
+    return out
+
+
+def info(path: str) -> None:
+    from .detect import describe
+    from .safetensors_io import open_weights
+
+    files = open_weights(path)
+    kind = describe(files.keys(), files.shape)
+    dtypes = sorted({str(files.dtype(k)).replace("torch.", "") for k in files.keys()})
+    params = sum(int(torch.Size(files.shape(k)).numel()) for k in files.keys())
+    print(f"{files.path}: {kind}; {len(files.keys())} tensors, {params:,} values, stored as {', '.join(dtypes)}")
+    if kind.startswith("Z-Image"):
+        from .transformer import ZImageConfig
+        from .transformer_files import internal_shape_fn, transformer_plan
+
+        plan, _, layout = transformer_plan(files)
+        print(f"layout: {layout}; config: {ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    a = _parser().parse_args(argv)
+    try:
+        if a.command == "generate":
+            generate(a)
+        else:
+            info(a.path)
+    except ZImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

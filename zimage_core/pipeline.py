@@ -1,0 +1,194 @@
+"""The whole Z-Image pipeline: find weights, encode prompts, sample, decode. Shared by the CLI, nodes and tests."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
+from .errors import ZImageError
+from .noise import comfy_noise
+from .sampler import Step, sample
+from .schedule import PRESETS, sigmas, start_index
+from .text_encoder import load_text_encoder
+from .transformer_files import load_transformer
+
+log = logging.getLogger("zimage")
+
+DOWNLOADS = """\
+Z-Image needs three files (put them in a ComfyUI models folder, or pass an HF model folder with --hf):
+  models/diffusion_models/z_image_turbo_bf16.safetensors   https://huggingface.co/Comfy-Org/z_image_turbo (split_files/diffusion_models)
+  models/text_encoders/qwen_3_4b.safetensors                https://huggingface.co/Comfy-Org/z_image_turbo (split_files/text_encoders)
+  models/vae/ae.safetensors                                 https://huggingface.co/Comfy-Org/z_image_turbo (split_files/vae)
+or the whole diffusers folder https://huggingface.co/Tongyi-MAI/Z-Image-Turbo (transformer/, text_encoder/, tokenizer/, vae/)."""
+
+
+@dataclass
+class WeightPaths:
+    transformer: str
+    text_encoder: str
+    vae: str
+    tokenizer: str | None = None
+
+
+def _pick(folder: str, patterns: list[str]) -> str | None:
+    for pat in patterns:
+        hits = sorted(glob.glob(os.path.join(folder, "**", pat), recursive=True))
+        if hits:
+            return hits[0]
+    return None
+
+
+def find_weights(models: str | None = None, hf: str | None = None, transformer: str | None = None,
+                 text_encoder: str | None = None, vae: str | None = None, tokenizer: str | None = None) -> WeightPaths:
+    """Explicit paths win; then an HF model folder; then a ComfyUI ``models/`` folder; else say what to download."""
+    if hf:
+        transformer = transformer or hf
+        text_encoder = text_encoder or hf
+        vae = vae or hf
+    if models:
+        transformer = transformer or _pick(os.path.join(models, "diffusion_models"), ["z_image_turbo*.safetensors", "z_image*.safetensors", "*z_image*.safetensors"]) \
+            or _pick(os.path.join(models, "unet"), ["*z_image*.safetensors"])
+        text_encoder = text_encoder or _pick(os.path.join(models, "text_encoders"), ["qwen_3_4b.safetensors", "qwen_3_4b*.safetensors", "*qwen3*4b*.safetensors"]) \
+            or _pick(os.path.join(models, "clip"), ["qwen_3_4b*.safetensors"])
+        vae = vae or _pick(os.path.join(models, "vae"), ["ae.safetensors", "*flux*ae*.safetensors", "*z_image*vae*.safetensors"])
+    missing = [n for n, p in (("transformer", transformer), ("text encoder", text_encoder), ("VAE", vae)) if not p]
+    if missing:
+        where = f" in {models}" if models else ""
+        raise ZImageError(f"Could not find the {', '.join(missing)}{where}.\n{DOWNLOADS}")
+    return WeightPaths(transformer, text_encoder, vae, tokenizer)
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    cfg: float | None = None
+    shift: float = 3.0
+    seed: int = 0
+    batch_size: int = 1
+    preset: str = "turbo"
+    strength: float = 1.0
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> GenerationSettings:
+        p = PRESETS.get(self.preset)
+        if p is None and (self.steps is None or self.cfg is None):
+            raise ZImageError(f"unknown preset {self.preset!r}; choose {', '.join(PRESETS)} or give steps and cfg.")
+        s = GenerationSettings(**asdict(self))
+        s.steps = self.steps if self.steps is not None else p.steps
+        s.cfg = self.cfg if self.cfg is not None else p.cfg
+        return s
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v % 16 or v < 16:
+            raise ZImageError(f"{name} {v} is not a positive multiple of 16; Z-Image needs multiples of 16 "
+                              f"(nearest: {max(16, round(v / 16) * 16)}).")
+
+
+def image_to_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
+    """PIL image or B×H×W×3 / B×3×H×W tensor in [0, 1] → B×3×H×W float in [0, 1]."""
+    if isinstance(img, Image.Image):
+        a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(a).permute(2, 0, 1)[None]
+    t = img.float()
+    if t.ndim == 3:
+        t = t[None]
+    return t if t.shape[1] == 3 else t.movedim(-1, 1)
+
+
+def mask_to_latent(mask: Image.Image | torch.Tensor, h: int, w: int, binarize: bool = True) -> torch.Tensor:
+    """Pixel mask (white/1 = regenerate) → B×1×h×w in latent pixels: binarised at 0.5, nearest-resized (as diffusers)."""
+    if isinstance(mask, Image.Image):
+        m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    else:
+        m = mask.float()
+        m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+    if binarize:
+        m = (m >= 0.5).float()
+    return F.interpolate(m, size=(h, w), mode="nearest")
+
+
+class ZImagePipeline:
+    """Text-to-image, image-to-image and inpainting with our transformer, text encoder and autoencoder."""
+
+    def __init__(self, transformer, text_encoder, autoencoder: AutoEncoder):
+        self.transformer, self.text_encoder, self.autoencoder = transformer, text_encoder, autoencoder
+
+    @classmethod
+    def from_paths(cls, paths: WeightPaths, dtype: torch.dtype | None = torch.bfloat16, device="cpu",
+                   vae_dtype: torch.dtype | None = None) -> ZImagePipeline:
+        dit = load_transformer(paths.transformer, dtype=dtype, device=device)
+        te = load_text_encoder(paths.text_encoder, dtype=dtype, device=device, tokenizer=paths.tokenizer,
+                               expect_hidden=dit.cfg.cap_feat_dim)
+        vae = load_autoencoder(paths.vae, dtype=vae_dtype, device=device)
+        return cls(dit, te, vae)
+
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        caps = self.text_encoder.encode(prompts)
+        if caps and caps[0].shape[-1] != self.transformer.cfg.cap_feat_dim:
+            raise ZImageError(f"the text encoder gives {caps[0].shape[-1]}-d features but the transformer reads "
+                              f"{self.transformer.cfg.cap_feat_dim}-d; pair the model with its own text encoder (Qwen3-4B).")
+        return caps
+
+    def __call__(self, settings: GenerationSettings, init_image=None, mask=None,
+                 callback: Callable[[Step], None] | None = None, cancel: Callable[[], bool] | None = None,
+                 vae_tile: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+        s = settings.resolved()
+        init = None
+        if init_image is not None:
+            init = image_to_tensor(init_image)
+            ih, iw = init.shape[-2:]
+            if (iw, ih) != (s.width, s.height):
+                raise ZImageError(f"the init image is {iw}×{ih} but the requested size is {s.width}×{s.height}; "
+                                  "resize the image or ask for its size.")
+        check_size(s.width, s.height)
+        if s.batch_size < 1:
+            raise ZImageError(f"batch size must be at least 1 (got {s.batch_size}).")
+        h, w = s.height // 8, s.width // 8
+        full = sigmas(s.steps, s.shift)
+        init_latents = latent_mask = None
+        if init is not None:
+            sig = full[start_index(s.steps, s.strength):]
+            init_latents = to_model_space(self.autoencoder.encode(init, tile=vae_tile))
+            if mask is not None:
+                mh, mw = (mask.size[1], mask.size[0]) if isinstance(mask, Image.Image) else tuple(mask.shape[-2:])
+                if (mh, mw) != (s.height, s.width):
+                    raise ZImageError(f"the mask is {mw}×{mh} but the image is {s.width}×{s.height}; they must be the same size.")
+                latent_mask = mask_to_latent(mask, h, w)
+        else:
+            if mask is not None:
+                raise ZImageError("a mask needs an init image to inpaint.")
+            if s.strength != 1.0:
+                log.warning("strength %.2f ignored: it applies only to image-to-image.", s.strength)
+            sig = full
+        use_cfg = s.cfg > 1.0
+        pos = self.encode_prompts([s.prompt])
+        neg = self.encode_prompts([s.negative_prompt]) if use_cfg else None
+        noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
+        x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
+                   cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask,
+                   callback=callback, cancel=cancel)
+        images = self.autoencoder.decode(from_model_space(x), tile=vae_tile)
+        return [to_pil(im) for im in images], x
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """3×H×W in [0, 1] → PIL (rounded as diffusers' numpy_to_pil: ×255 then round)."""
+    a = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(a)

@@ -1,0 +1,156 @@
+"""The Euler flow-matching loop with classifier-free guidance, image-to-image and inpainting.
+
+Follows diffusers' ZImagePipeline / ZImageImg2ImgPipeline / ZImageInpaintPipeline step for step:
+the network predicts (x0 − noise), we negate it into a velocity and take x ← x + (σₙₑₓₜ − σ)·v in fp32.
+Guidance uses ComfyUI's convention, ``cfg`` = 1 means off; the reference's guidance_scale g is cfg − 1
+(pred = pos + g·(pos − neg)), with optional renormalisation (‖pred‖ ≤ k·‖pos‖) and truncation (no
+guidance once the model time exceeds ``cfg_truncation``). Latents are in model space.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ZImageError, ZImageInterrupted
+from .schedule import model_time
+
+log = logging.getLogger("zimage")
+
+
+@dataclass
+class Step:
+    """What a step callback receives: 0-based index, total steps, σ, current latents and the x0 estimate."""
+
+    index: int
+    total: int
+    sigma: float
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+def _repeat(caps: list[torch.Tensor], n: int, what: str) -> list[torch.Tensor]:
+    if len(caps) == n:
+        return list(caps)
+    if len(caps) == 1:
+        return list(caps) * n
+    raise ZImageError(f"{len(caps)} {what} for a batch of {n} latents; give one, or one per latent.")
+
+
+def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) -> torch.Tensor:
+    """Per-sample CFG in fp32, with the reference's renormalisation."""
+    out = []
+    for p, n in zip(pos.float(), neg.float()):
+        pred = p + g * (p - n)
+        if normalization and normalization > 0:
+            p_norm, new_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(pred)
+            max_norm = p_norm * float(normalization)
+            if new_norm > max_norm:
+                pred = pred * (max_norm / new_norm)
+        out.append(pred)
+    return torch.stack(out)
+
+
+def sample(
+    model,
+    noise: torch.Tensor,
+    positive: list[torch.Tensor],
+    negative: list[torch.Tensor] | None = None,
+    *,
+    sigmas: torch.Tensor,
+    cfg: float = 1.0,
+    cfg_normalization: float = 0.0,
+    cfg_truncation: float = 1.0,
+    init_latents: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    batch_cfg: bool = True,
+    callback: Callable[[Step], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Denoise from ``sigmas[0]`` to ``sigmas[-1]``; returns fp32 model-space latents.
+
+    noise: B×16×h×w fp32. init_latents: clean model-space latents for image-to-image/inpainting
+    (None: text-to-image). mask: 1 where the image is regenerated, 0 where ``init_latents`` is kept
+    (broadcastable to B×1×h×w). ``cancel()`` returning True stops between blocks and steps with
+    ``ZImageInterrupted``.
+    """
+    b, _, h, w = noise.shape
+    if h % 2 or w % 2:
+        raise ZImageError(f"latent size {h}×{w} must be even (image sides multiples of 16 pixels).")
+    dev = model.device
+    sig = sigmas.detach().float().cpu()
+    n = len(sig) - 1
+    if n < 1:
+        raise ZImageError("the schedule has no step to run.")
+    positive = [c.to(dev) for c in _repeat(positive, b, "prompts")]
+    g = float(cfg) - 1.0
+    use_cfg = g > 0
+    if use_cfg:
+        if negative is None:
+            raise ZImageError(f"cfg {cfg} needs a negative conditioning (an empty prompt is the usual choice).")
+        negative = [c.to(dev) for c in _repeat(negative, b, "negative prompts")]
+        if all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(positive, negative)):
+            log.warning("The prompt and the negative prompt are identical, so CFG %.2f changes nothing; "
+                        "skipping the unconditional passes (set cfg to 1 to silence this).", cfg)
+            use_cfg = False
+    noise = noise.to(dev, torch.float32)
+    init = None if init_latents is None else init_latents.to(dev, torch.float32).expand(b, -1, -1, -1)
+    if init is not None and init.shape[-2:] != noise.shape[-2:]:
+        raise ZImageError(f"init latents are {tuple(init.shape[-2:])} but the noise is {(h, w)}; they must match.")
+    if mask is not None:
+        if init is None:
+            raise ZImageError("a mask needs init latents (the image to inpaint).")
+        mask = mask.to(dev, torch.float32)
+        if mask.ndim == 3:
+            mask = mask[:, None]
+        if mask.shape[-2:] != (h, w):
+            raise ZImageError(f"the mask is {tuple(mask.shape[-2:])} in latent pixels but the latents are {(h, w)}; resize it to match.")
+
+    s0 = sig[0].to(dev)
+    x = s0 * noise + (1.0 - s0) * (init if init is not None else torch.zeros_like(noise))
+
+    def check():
+        if cancel is not None and cancel():
+            raise ZImageInterrupted("sampling was interrupted")
+
+    inner = model.run_block
+    model.run_block = lambda blk, *a: (check(), inner(blk, *a))[1]
+    try:
+        for i in range(n):
+            check()
+            s, s_next = sig[i], sig[i + 1]
+            t = model_time(s).to(dev).expand(b)
+            guided = use_cfg and not (cfg_truncation is not None and float(cfg_truncation) <= 1 and model_time(s).item() > cfg_truncation)
+            xin = x.to(model.compute_dtype)
+            with torch.inference_mode():
+                if guided and batch_cfg:
+                    try:
+                        out = model(torch.cat([xin, xin]), torch.cat([t, t]), positive + negative)
+                        pred = guide(out[:b], out[b:], g, cfg_normalization)
+                    except torch.OutOfMemoryError:
+                        log.warning("Out of memory with the CFG passes batched; running them one after another.")
+                        batch_cfg = False
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                if guided and not batch_cfg:
+                    pred = guide(model(xin, t, positive), model(xin, t, negative), g, cfg_normalization)
+                elif not guided:
+                    pred = model(xin, t, positive).float()
+            x_prev = x
+            x = x + (s_next - s).to(dev) * (-pred)
+            if mask is not None:
+                proper = init if i == n - 1 else s_next.to(dev) * noise + (1.0 - s_next.to(dev)) * init
+                x = (1 - mask) * proper + mask * x
+            if not torch.isfinite(x).all():
+                raise ZImageError(
+                    f"NaN/inf appeared in the latents at step {i + 1} of {n}: the model overflowed in "
+                    f"{str(model.compute_dtype).replace('torch.', '')}. Run it in bf16 or fp32 (fp16 overflows on Z-Image)."
+                )
+            if callback is not None:
+                callback(Step(i, n, float(s), x, x_prev + s.to(dev) * pred))
+    finally:
+        model.run_block = inner
+    return x
