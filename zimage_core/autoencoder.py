@@ -148,10 +148,11 @@ class Decoder(nn.Module):
 class AutoEncoder(nn.Module):
     """``encode(images in [0, 1], B×3×H×W) → raw latents``; ``decode(raw latents) → images in [0, 1]``."""
 
-    def __init__(self, chs: list[int], n_res: int, z: int = 16, groups: int = 32, dtype=torch.float32):
+    def __init__(self, chs: list[int], n_res: int, z: int = 16, groups: int = 32, dtype=torch.float32,
+                 dec_chs: list[int] | None = None):
         super().__init__()
         self.encoder = Encoder(chs, n_res, z, groups)
-        self.decoder = Decoder(chs, n_res, z, groups)
+        self.decoder = Decoder(dec_chs or chs, n_res, z, groups)
         self.compute_dtype, self.z_channels = dtype, z
         self.factor = 2 ** (len(chs) - 1)
 
@@ -244,6 +245,7 @@ def load_autoencoder(path: str, dtype: torch.dtype | None = None, device: torch.
     names = {(_bfl_name(k, levels) if diffusers else k): prefix + k for k in bare}
     try:
         chs = [files.shape(names[f"encoder.down.{i}.block.0.conv1.weight"])[0] for i in range(levels)]
+        dec_chs = [files.shape(names[f"decoder.up.{i}.block.0.conv1.weight"])[0] for i in range(levels)]
         n_res = 1 + max(int(re.match(r"encoder\.down\.0\.block\.(\d+)\.", k).group(1)) for k in names if k.startswith("encoder.down.0.block."))
         z = files.shape(names["decoder.conv_in.weight"])[1]
         groups = int(_config(files).get("norm_num_groups", 32))  # not visible in the weights; FLUX uses 32
@@ -256,7 +258,7 @@ def load_autoencoder(path: str, dtype: torch.dtype | None = None, device: torch.
     file_dtype = files.dtype(names["decoder.conv_in.weight"])
     compute = dtype or (file_dtype if file_dtype.is_floating_point and file_dtype.itemsize >= 2 else torch.float32)
     with torch.device("meta"):
-        model = AutoEncoder(chs, n_res, z, groups, compute)
+        model = AutoEncoder(chs, n_res, z, groups, compute, dec_chs)
     params = dict(model.named_parameters())
     unexpected = [v for k, v in names.items() if k not in params]
     if unexpected:

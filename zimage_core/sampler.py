@@ -32,12 +32,55 @@ class Step:
     x0: torch.Tensor
 
 
-def _repeat(caps: list[torch.Tensor], n: int, what: str) -> list[torch.Tensor]:
-    if len(caps) == n:
-        return list(caps)
-    if len(caps) == 1:
-        return list(caps) * n
-    raise ZImageError(f"{len(caps)} {what} for a batch of {n} latents; give one, or one per latent.")
+@dataclass
+class CondEntry:
+    """One conditioning entry: captions (one per batch item, or one for all), a weight, and the part of the
+    schedule where it is active, in ComfyUI's percent convention (0 = start, 1 = end, unshifted time)."""
+
+    captions: list[torch.Tensor]
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, sigma: float, shift: float) -> bool:
+        def percent_to_sigma(p: float) -> float:  # as ComfyUI's ModelSamplingDiscreteFlow
+            if p <= 0:
+                return 1.0
+            if p >= 1:
+                return 0.0
+            return shift * (1 - p) / (1 + (shift - 1) * (1 - p))
+
+        return percent_to_sigma(self.end) - 1e-6 <= sigma <= percent_to_sigma(self.start) + 1e-6
+
+
+def _entries(cond, n: int, dev, what: str) -> list[CondEntry]:
+    entries = [c if isinstance(c, CondEntry) else None for c in cond]
+    if not all(entries):  # a plain list of caption tensors: one entry
+        entries = [CondEntry(list(cond))]
+    out = []
+    for e in entries:
+        caps = e.captions
+        if len(caps) == 1:
+            caps = caps * n
+        elif len(caps) != n:
+            raise ZImageError(f"{len(caps)} {what} for a batch of {n} latents; give one, or one per latent.")
+        out.append(CondEntry([c.to(dev) for c in caps], e.weight, e.start, e.end))
+    return out
+
+
+def _active(entries: list[CondEntry] | None, sigma: float, shift: float) -> list[CondEntry]:
+    if entries is None:
+        return []
+    now = [e for e in entries if e.active(sigma, shift)]
+    return now or entries  # a gap between timestep ranges: use every entry rather than predict nothing
+
+
+def _predict(model, x, t, entries: list[CondEntry]) -> torch.Tensor:
+    """The model's prediction, averaged over several active entries by weight (as ComfyUI combines conds)."""
+    if len(entries) == 1:
+        return model(x, t, entries[0].captions).float()
+    total = sum(e.weight for e in entries)
+    return sum(model(x, t, e.captions).float() * (e.weight / total) for e in entries)
 
 
 def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) -> torch.Tensor:
@@ -57,8 +100,8 @@ def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) 
 def sample(
     model,
     noise: torch.Tensor,
-    positive: list[torch.Tensor],
-    negative: list[torch.Tensor] | None = None,
+    positive: list[torch.Tensor] | list[CondEntry],
+    negative: list[torch.Tensor] | list[CondEntry] | None = None,
     *,
     sigmas: torch.Tensor,
     cfg: float = 1.0,
@@ -67,6 +110,7 @@ def sample(
     init_latents: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     batch_cfg: bool = True,
+    shift: float = 3.0,
     callback: Callable[[Step], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -74,8 +118,9 @@ def sample(
 
     noise: B×16×h×w fp32. init_latents: clean model-space latents for image-to-image/inpainting
     (None: text-to-image). mask: 1 where the image is regenerated, 0 where ``init_latents`` is kept
-    (broadcastable to B×1×h×w). ``cancel()`` returning True stops between blocks and steps with
-    ``ZImageInterrupted``.
+    (broadcastable to B×1×h×w). ``positive``/``negative``: one caption tensor per latent (or one for all), or
+    a list of ``CondEntry`` (weighted, with active ranges; ``shift`` maps their percents to σ).
+    ``cancel()`` returning True stops between blocks and steps with ``ZImageInterrupted``.
     """
     b, _, h, w = noise.shape
     if h % 2 or w % 2:
@@ -85,14 +130,17 @@ def sample(
     n = len(sig) - 1
     if n < 1:
         raise ZImageError("the schedule has no step to run.")
-    positive = [c.to(dev) for c in _repeat(positive, b, "prompts")]
+    pos_entries = _entries(positive, b, dev, "prompts")
     g = float(cfg) - 1.0
     use_cfg = g > 0
+    neg_entries = None
     if use_cfg:
         if negative is None:
             raise ZImageError(f"cfg {cfg} needs a negative conditioning (an empty prompt is the usual choice).")
-        negative = [c.to(dev) for c in _repeat(negative, b, "negative prompts")]
-        if all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(positive, negative)):
+        neg_entries = _entries(negative, b, dev, "negative prompts")
+        if len(pos_entries) == len(neg_entries) == 1 and all(
+            p.shape == q.shape and torch.equal(p, q) for p, q in zip(pos_entries[0].captions, neg_entries[0].captions)
+        ):
             log.warning("The prompt and the negative prompt are identical, so CFG %.2f changes nothing; "
                         "skipping the unconditional passes (set cfg to 1 to silence this).", cfg)
             use_cfg = False
@@ -125,20 +173,23 @@ def sample(
             t = model_time(s).to(dev).expand(b)
             guided = use_cfg and not (cfg_truncation is not None and float(cfg_truncation) <= 1 and model_time(s).item() > cfg_truncation)
             xin = x.to(model.compute_dtype)
+            pos_now = _active(pos_entries, float(s), shift)
+            neg_now = _active(neg_entries, float(s), shift) if guided else None
             with torch.inference_mode():
-                if guided and batch_cfg:
+                if guided and batch_cfg and len(pos_now) == len(neg_now) == 1:
                     try:
-                        out = model(torch.cat([xin, xin]), torch.cat([t, t]), positive + negative)
+                        out = model(torch.cat([xin, xin]), torch.cat([t, t]), pos_now[0].captions + neg_now[0].captions)
                         pred = guide(out[:b], out[b:], g, cfg_normalization)
                     except torch.OutOfMemoryError:
                         log.warning("Out of memory with the CFG passes batched; running them one after another.")
                         batch_cfg = False
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
-                if guided and not batch_cfg:
-                    pred = guide(model(xin, t, positive), model(xin, t, negative), g, cfg_normalization)
-                elif not guided:
-                    pred = model(xin, t, positive).float()
+                        pred = guide(_predict(model, xin, t, pos_now), _predict(model, xin, t, neg_now), g, cfg_normalization)
+                elif guided:
+                    pred = guide(_predict(model, xin, t, pos_now), _predict(model, xin, t, neg_now), g, cfg_normalization)
+                else:
+                    pred = _predict(model, xin, t, pos_now)
             x_prev = x
             x = x + (s_next - s).to(dev) * (-pred)
             if mask is not None:

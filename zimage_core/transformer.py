@@ -250,7 +250,8 @@ class ZImageTransformer(nn.Module):
     # ---- helpers ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.x_pad_token.device
+        """Where compute runs: the offload executor's device while it is attached, else where the weights are."""
+        return self.__dict__.get("compute_device") or self.x_pad_token.device
 
     def blocks(self) -> list[Block]:
         """All transformer blocks in execution order (what offloading streams)."""

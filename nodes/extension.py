@@ -1,0 +1,19 @@
+"""Registers the pack's nodes with ComfyUI (V3 node API)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .conditioning import ZImageTextEncode
+from .latents import ZImageEmptyLatent, ZImageImageToLatent
+from .loaders import ZImageModelLoader, ZImageTextEncoderLoader
+from .sampling import ZImageSampler
+
+NODES: list[type[io.ComfyNode]] = [
+    ZImageModelLoader, ZImageTextEncoderLoader, ZImageTextEncode, ZImageSampler, ZImageEmptyLatent, ZImageImageToLatent,
+]
+
+
+class ZImageExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,137 @@
+"""Loader nodes: the Z-Image transformer and the Qwen3 text encoder, from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+import zimage_core as zc
+from zimage_core.attention import BACKENDS
+
+from .memory import Handle, cached_load, compute_dtype, storage_dtype
+from .types import ZImageModel, ZImageTextEncoder
+
+WEIGHT_DTYPES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+OFFLOAD_MODES = ["auto", "budget", "resident", "min_vram"]
+
+
+def model_choices(folder: str, marker: str) -> list[str]:
+    """Files ComfyUI lists, plus diffusers-layout folders (containing ``marker``/ or a shard index) as 'name/'."""
+    names = list(folder_paths.get_filename_list(folder))
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for d in sorted(os.listdir(root)):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and (os.path.isdir(os.path.join(p, marker)) or any(f.endswith(".safetensors.index.json") for f in os.listdir(p))):
+                names.append(d + "/")
+    return names
+
+
+def resolve(folder: str, name: str) -> str:
+    if name.endswith("/"):
+        for root in folder_paths.get_folder_paths(folder):
+            p = os.path.join(root, name[:-1])
+            if os.path.isdir(p):
+                return p
+        raise zc.ZImageError(f"model folder {name} not found in models/{folder}.")
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise zc.ZImageError(f"{name} is not in models/{folder}; put the file there (or refresh the node list).")
+    return path
+
+
+def _split_dtype(choice: str, device):
+    """One widget, two meanings: fp8 choices set the storage (compute stays bf16); the others set compute."""
+    st = storage_dtype(choice)
+    return compute_dtype("auto" if st else choice, device), st
+
+
+class ZImageModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageModelLoader",
+            display_name="Load Z-Image Model",
+            category="Z-Image",
+            description="Loads a Z-Image / Z-Image-Turbo transformer (ComfyUI single file or diffusers folder) with "
+                        "VRAM-aware block streaming. Use 'auto' offload unless you need to leave VRAM for other models: "
+                        "then set a budget in GB.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices("diffusion_models", "transformer"),
+                               tooltip="A file from models/diffusion_models (e.g. z_image_turbo_bf16.safetensors, fp8 variants) "
+                                       "or a diffusers folder (name/)."),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="auto",
+                               tooltip="auto: bf16 compute (fp32 on CPU), weights kept as stored. fp8_*: store weights in fp8 "
+                                       "(half the memory, small quality loss), compute in bf16. fp16 may overflow (NaN) on Z-Image."),
+                io.Combo.Input("attention", options=["auto", *BACKENDS], default="auto",
+                               tooltip="Attention kernel: sdpa (PyTorch, always available), flash (flash-attn) or sage "
+                                       "(SageAttention) when installed; auto picks the fastest installed."),
+                io.Combo.Input("offload", options=OFFLOAD_MODES, default="auto",
+                               tooltip="auto: keep as many blocks on the GPU as ComfyUI's free VRAM allows, stream the rest. "
+                                       "budget: use at most vram_budget_gb. resident: everything on the GPU. "
+                                       "min_vram: stream every block (slowest, smallest)."),
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=256.0, step=0.5,
+                               tooltip="With offload=budget: GB of VRAM for weights and activations (e.g. 8 on a 12 GB card "
+                                       "to leave room). 0 = use what ComfyUI offers."),
+                io.Int.Input("prefetch", default=2, min=1, max=8, advanced=True,
+                             tooltip="Streamed blocks copied ahead of use. 2 hides copies behind compute on most GPUs."),
+            ],
+            outputs=[ZImageModel.Output(tooltip="The Z-Image transformer, for the Z-Image Sampler and LoRA nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        path = resolve("diffusion_models", model_name)
+        dtype, storage = _split_dtype(weight_dtype, mm.get_torch_device())
+        backend = zc.attention.resolve_backend(attention)
+        handle = cached_load(
+            "transformer", path,
+            lambda: zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend),
+            {"dtype": dtype, "storage": storage, "attention": backend},
+            {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
+        )
+        return io.NodeOutput(handle)
+
+
+class ZImageTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageTextEncoderLoader",
+            display_name="Load Z-Image Text Encoder",
+            category="Z-Image",
+            description="Loads the Qwen3-4B text encoder Z-Image reads prompts with (only the layers it needs). It moves "
+                        "to the GPU to encode and leaves right after, so it never competes with the transformer.",
+            inputs=[
+                io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", "text_encoder"),
+                               tooltip="qwen_3_4b.safetensors (or its fp8 variant) from models/text_encoders, or an HF folder (name/)."),
+                io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"], default="auto",
+                               tooltip="auto: bf16 compute, weights as stored. fp8_e4m3fn stores weights in fp8 (4 GB instead of 8)."),
+                io.Combo.Input("device", options=["auto", "cpu"], default="auto",
+                               tooltip="cpu: encode on the CPU (slow, no VRAM at all)."),
+            ],
+            outputs=[ZImageTextEncoder.Output(tooltip="The prompt encoder, for Z-Image Text Encode.")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder_name, weight_dtype, device) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        path = resolve("text_encoders", text_encoder_name)
+        dev = mm.get_torch_device() if device == "auto" else torch.device("cpu")
+        dtype, storage = _split_dtype(weight_dtype, dev)
+        handle: Handle = cached_load(
+            "text_encoder", path,
+            lambda: zc.load_text_encoder(path, dtype=dtype, storage_dtype=storage),
+            {"dtype": dtype, "storage": storage},
+            {"mode": "auto", "budget_gb": 0.0, "prefetch": 2},
+        )
+        if device == "cpu":
+            handle.patcher.load_device = dev
+        return io.NodeOutput(handle)

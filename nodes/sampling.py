@@ -1,0 +1,99 @@
+"""The Z-Image sampler node: Turbo / Base / custom presets, CFG, img2img, inpainting, previews, interrupt."""
+
+from __future__ import annotations
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+import zimage_core as zc
+from zimage_core.offload import activation_bytes
+
+from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, latent_samples, resolve_preset, sample_latent
+from .types import ZImageModel
+
+
+def _send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, data, PromptServer.instance.client_id)
+    except Exception:  # messages are a nicety; sampling never fails for them
+        pass
+
+
+class ZImageSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZImageSampler",
+            display_name="Z-Image Sampler",
+            category="Z-Image",
+            description="Flow-matching Euler sampling, step for step as the reference pipeline. Turbo: 8 steps, cfg 1 "
+                        "(no negative needed). Base: 28–50 steps, cfg 3–5 with a negative prompt. An encoded latent with "
+                        "denoise < 1 does image-to-image; a latent with a noise mask inpaints.",
+            inputs=[
+                ZImageModel.Input("model", tooltip="From Load Z-Image Model (or a LoRA node)."),
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (Z-Image Text Encode)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, or an encoded image for img2img/inpainting."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Same seed → same noise as ComfyUI's own samplers, so seeds carry between graphs."),
+                io.Combo.Input("preset", options=PRESET_CHOICES, default="turbo",
+                               tooltip="turbo: 8 steps, cfg 1, shift 3 (Z-Image-Turbo). base: 28 steps, cfg 4, shift 3 "
+                                       "(Z-Image). custom: use the values below."),
+                io.Int.Input("steps", default=8, min=1, max=200, tooltip="Model calls (with denoise < 1, only the last "
+                             "steps × denoise of the schedule run). Used with preset=custom."),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Guidance, ComfyUI convention: 1 = off (Turbo). Base: 3–5. The reference's "
+                                       "guidance_scale g equals cfg − 1. Used with preset=custom."),
+                io.Float.Input("shift", default=3.0, min=0.1, max=20.0, step=0.1, round=0.01,
+                               tooltip="Time shift of the schedule; Z-Image uses 3. Higher spends more steps at high noise. "
+                                       "Used with preset=custom."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1: start from pure noise. Lower keeps more of the input latent (image-to-image strength)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="What to avoid; needed when cfg > 1 (an empty prompt works)."),
+                io.Float.Input("cfg_normalization", default=0.0, min=0.0, max=10.0, step=0.05, advanced=True,
+                               tooltip="Caps the guided prediction's norm at k × the conditional one (0 = off; the "
+                                       "reference uses 1 for strong CFG)."),
+                io.Float.Input("cfg_truncation", default=1.0, min=0.0, max=1.0, step=0.01, advanced=True,
+                               tooltip="Stops guidance once the model time passes this value (1 = never; e.g. 0.9 saves the "
+                                       "last unconditional passes)."),
+            ],
+            outputs=[io.Latent.Output(tooltip="Denoised latent in VAE space: decode it with the core VAE Decode node.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, preset, steps, cfg, shift, denoise, negative=None,
+                cfg_normalization=0.0, cfg_truncation=1.0) -> io.NodeOutput:
+        steps, cfg, shift = resolve_preset(preset, steps, cfg, shift)
+        settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation)
+        raw, _ = latent_samples(latent_image)
+        b, _, h, w = raw.shape
+        dit = model.module
+        model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
+        total = steps - (zc.start_index(steps, denoise) if denoise < 1.0 else 0)
+        previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())
+        pbar = comfy.utils.ProgressBar(total)
+        timer = StepTimer()
+        node = cls.hidden.unique_id if cls.hidden is not None else None
+
+        def on_step(st: zc.Step):
+            preview = previewer.decode_latent_to_preview_image("JPEG", st.x0) if previewer else None
+            pbar.update_absolute(st.index + 1, st.total, preview)
+            _send("zimage.progress", {"node": node, **timer.tick(st.index + 1, st.total)})
+
+        _send("zimage.plan", {"node": node, **(model.patcher.last_plan.summary() if model.patcher.last_plan else {})})
+        try:
+            out = sample_latent(dit, positive, negative, latent_image, settings, callback=on_step,
+                                cancel=mm.processing_interrupted)
+        except zc.ZImageInterrupted:
+            mm.throw_exception_if_processing_interrupted()
+            raise
+        finally:
+            if model.patcher.streamer is not None:
+                model.patcher.streamer.drop_inflight()
+        return io.NodeOutput(out)

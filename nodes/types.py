@@ -1,0 +1,6 @@
+"""The pack's own socket types; everything else uses ComfyUI's standard types."""
+
+from comfy_api.latest import io
+
+ZImageModel = io.Custom("ZIMAGE_MODEL")
+ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")

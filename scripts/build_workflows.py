@@ -1,0 +1,162 @@
+"""Writes example_workflows/*.json (ComfyUI UI format). Edit the graphs here and rerun:
+
+    python scripts/build_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "..", "example_workflows")
+
+DOWNLOADS = """## Files this workflow needs
+
+| put it in | file | from |
+|---|---|---|
+| `models/diffusion_models/` | `{model}` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/diffusion_models){base} |
+| `models/text_encoders/` | `qwen_3_4b.safetensors` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/text_encoders) |
+| `models/vae/` | `ae.safetensors` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/vae) |
+
+{tips}"""
+
+OUTPUT_TYPES = {
+    "ZImageModelLoader": ["ZIMAGE_MODEL"], "ZImageTextEncoderLoader": ["ZIMAGE_TEXT_ENCODER"],
+    "ZImageTextEncode": ["CONDITIONING"], "ZImageEmptyLatent": ["LATENT"], "ZImageSampler": ["LATENT"],
+    "ZImageImageToLatent": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"], "SaveImage": [],
+    "LoadImage": ["IMAGE", "MASK"], "MarkdownNote": [], "ZImageLoraLoader": ["ZIMAGE_MODEL"],
+    "ZImageEditEncode": ["CONDITIONING"],
+}
+OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"]}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def node(self, type_: str, pos, widgets=(), size=(320, 120), title=None, inputs=(), color=None):
+        nid = len(self.nodes) + 1
+        names = OUTPUT_NAMES.get(type_, OUTPUT_TYPES[type_])
+        outs = [{"name": names[i], "type": t, "links": [], "slot_index": i} for i, t in enumerate(OUTPUT_TYPES[type_])]
+        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1, "mode": 0,
+             "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs], "outputs": outs,
+             "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            n["title"] = title
+        if color:
+            n["color"], n["bgcolor"] = color
+        self.nodes.append(n)
+        return nid
+
+    def link(self, src: int, slot: int, dst: int, input_name: str):
+        lid = len(self.links) + 1
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        t = s["outputs"][slot]["type"]
+        inp = next(i for i in d["inputs"] if i["name"] == input_name)
+        inp["link"] = lid
+        s["outputs"][slot]["links"].append(lid)
+        self.links.append([lid, src, slot, dst, d["inputs"].index(inp), t])
+
+    def dump(self, name: str, title: str):
+        wf = {"id": name, "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+              "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+              "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "title": title}, "version": 0.4}
+        with open(os.path.join(OUT, name + ".json"), "w", encoding="utf-8") as f:
+            json.dump(wf, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+
+
+def base_graph(model: str, note: str, negative: bool):
+    g = Graph()
+    g.node("MarkdownNote", (20, 20), [note], size=(520, 360), title="Read me: files and settings")
+    m = g.node("ZImageModelLoader", (20, 420), [model, "auto", "auto", "auto", 0.0, 2], size=(340, 190))
+    te = g.node("ZImageTextEncoderLoader", (20, 650), ["qwen_3_4b.safetensors", "auto", "auto"], size=(340, 110))
+    return g, m, te
+
+
+PROMPT = ("A red fox curled up asleep on a mossy stone in a misty birch forest at dawn, soft golden light through the "
+          "trees, shallow depth of field, detailed fur, photorealistic")
+NEG = "blurry, low quality, oversaturated, deformed, text, watermark"
+
+
+def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link=""):
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips), negative)
+    pos = g.node("ZImageTextEncode", (400, 420), [PROMPT], size=(420, 200), title="Positive prompt",
+                 inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
+    g.link(te, 0, pos, "text_encoder")
+    neg = None
+    if negative:
+        neg = g.node("ZImageTextEncode", (400, 660), [NEG], size=(420, 140), title="Negative prompt",
+                     inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#322", "#533"))
+        g.link(te, 0, neg, "text_encoder")
+    lat = g.node("ZImageEmptyLatent", (400, 840), ["1:1 (1024×1024)", 1024, 1024, 1], size=(320, 130))
+    sampler_inputs = [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
+    if negative:
+        sampler_inputs.append(("negative", "CONDITIONING"))
+    s = g.node("ZImageSampler", (860, 420), [42, "randomize", preset, steps, cfg, 3.0, 1.0, 0.0, 1.0], size=(320, 330),
+               inputs=sampler_inputs)
+    g.link(m, 0, s, "model")
+    g.link(pos, 0, s, "positive")
+    g.link(lat, 0, s, "latent_image")
+    if neg:
+        g.link(neg, 0, s, "negative")
+    vae = g.node("VAELoader", (860, 800), ["ae.safetensors"], size=(320, 60))
+    dec = g.node("VAEDecode", (1220, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
+    g.link(s, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    save = g.node("SaveImage", (1220, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
+    g.link(dec, 0, save, "images")
+    g.dump(name, title)
+
+
+def edit(name, title, image, with_mask, denoise, tips):
+    model = "z_image_turbo_bf16.safetensors"
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    load = g.node("LoadImage", (400, 420), [image, "image"], size=(320, 360))
+    vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))
+    ins = [("image", "IMAGE"), ("vae", "VAE")] + ([("mask", "MASK")] if with_mask else [])
+    enc = g.node("ZImageImageToLatent", (760, 420), [6, 8, "crop"], size=(320, 160), inputs=ins)
+    g.link(load, 0, enc, "image")
+    g.link(vae, 0, enc, "vae")
+    if with_mask:
+        g.link(load, 1, enc, "mask")
+    prompt = ("the same scene repainted as a watercolor illustration, soft washes of color, paper texture" if not with_mask
+              else "a small wooden cabin with a warm glowing window")
+    pos = g.node("ZImageTextEncode", (760, 620), [prompt], size=(420, 160), title="Prompt",
+                 inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
+    g.link(te, 0, pos, "text_encoder")
+    s = g.node("ZImageSampler", (1220, 420), [7, "randomize", "turbo", 8, 1.0, 3.0, denoise, 0.0, 1.0], size=(320, 330),
+               inputs=[("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")])
+    g.link(m, 0, s, "model")
+    g.link(pos, 0, s, "positive")
+    g.link(enc, 0, s, "latent_image")
+    dec = g.node("VAEDecode", (1580, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
+    g.link(s, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    save = g.node("SaveImage", (1580, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
+    g.link(dec, 0, save, "images")
+    g.dump(name, title)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    text_to_image(
+        "z_image_turbo_text_to_image", "Z-Image-Turbo: text to image", "z_image_turbo_bf16.safetensors", "turbo", 8, 1.0, False,
+        "**Settings:** preset *turbo* = 8 steps, cfg 1 (no negative prompt needed), shift 3. Long, detailed prompts work best; "
+        "Chinese and English both work. On 8–12 GB cards leave offload on *auto* (or set a budget in GB).")
+    text_to_image(
+        "z_image_base_text_to_image_cfg", "Z-Image (base): text to image with CFG", "z_image_bf16.safetensors", "base", 28, 4.0, True,
+        "**Settings:** preset *base* = 28 steps, cfg 4 (ComfyUI convention; 3–5 works), shift 3, with a negative prompt. "
+        "More steps (up to 50) add detail. cfg_normalization 1 tames very high cfg.",
+        base_link=" (base model: [Comfy-Org/z_image](https://huggingface.co/Comfy-Org/z_image))")
+    edit("z_image_turbo_image_to_image", "Z-Image-Turbo: image to image", "zimage_example.png", False, 0.6,
+         "**Settings:** put your picture in `input/` and pick it in Load Image. *denoise* is the strength: 0.3 keeps the "
+         "composition, 0.8 repaints most of it.")
+    edit("z_image_turbo_inpainting", "Z-Image-Turbo: inpainting", "zimage_inpaint_example.png", True, 1.0,
+         "**Settings:** paint the area to replace in the Load Image mask editor (right-click → Open in MaskEditor). "
+         "grow_mask_by and feather blend the edges; denoise 1 fully repaints the masked area.")
+
+
+if __name__ == "__main__":
+    main()

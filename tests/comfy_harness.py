@@ -1,0 +1,219 @@
+"""A real ComfyUI server for the integration tests: started on 127.0.0.1 with this pack in its custom_nodes
+and tiny random weights under the file names the example workflows use.
+
+ComfyUI is found through COMFYUI_PATH, else ~/ComfyUI; it runs in its own virtual environment
+(ZIMAGE_COMFY_PYTHON, else built or reused by scripts/comfyui_venv.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+WORKFLOWS = os.path.join(ROOT, "example_workflows")
+
+
+def comfyui_path() -> str | None:
+    p = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
+    return p if os.path.isfile(os.path.join(p, "main.py")) else None
+
+
+def comfyui_python(path: str) -> str:
+    py = os.environ.get("ZIMAGE_COMFY_PYTHON")
+    if py and os.path.exists(py):
+        return py
+    out = subprocess.run([os.path.join(ROOT, "scripts", "comfyui_venv.sh"), path], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def comfyui_commit(path: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        v = {}
+        exec(open(os.path.join(path, "comfyui_version.py")).read(), v)  # noqa: S102 (a one-line version file)
+        return "version " + v.get("__version__", "?")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- tiny weights under the real names ------------------------------------------------------------
+
+
+def comfy_vae(path: str) -> str:
+    """A FLUX-layout autoencoder ComfyUI's VAELoader accepts: its encoder width is fixed at 128 channels, the
+    decoder's follows the file (32 here, to keep decoding fast)."""
+    from safetensors.torch import save_file
+
+    from zimage_core.autoencoder import AutoEncoder
+
+    ae = AutoEncoder([128, 256, 512, 512], 2, 16, 32, dec_chs=[32, 64, 128, 128])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ae.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * r if "norm" in name and name.endswith("weight") else
+                    0.1 * r if "norm" in name else r / (p[0].numel() ** 0.5) if p.ndim > 1 else 0.02 * r)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in ae.state_dict().items()}, path)
+    return path
+
+
+def populate(base: str) -> None:
+    from tiny import diffusers_transformer, sample_picture, save_comfyui, save_qwen_comfyui, tiny_qwen
+
+    models = os.path.join(base, "models")
+    dit = diffusers_transformer(seed=1)
+    save_comfyui(dit, os.path.join(models, "diffusion_models", "z_image_turbo_bf16.safetensors"), dtype=torch.bfloat16)
+    save_comfyui(diffusers_transformer(seed=2), os.path.join(models, "diffusion_models", "z_image_bf16.safetensors"), dtype=torch.bfloat16)
+    save_qwen_comfyui(tiny_qwen(0), os.path.join(models, "text_encoders", "qwen_3_4b.safetensors"), dtype=torch.bfloat16)
+    os.makedirs(os.path.join(models, "vae"), exist_ok=True)
+    comfy_vae(os.path.join(models, "vae", "ae.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+               "model.diffusion_model.output_blocks.0.0.weight": torch.zeros(4),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)},
+              os.path.join(models, "diffusion_models", "not_zimage_sdxl.safetensors"))
+    inp = os.path.join(base, "input")
+    os.makedirs(inp, exist_ok=True)
+    sample_picture(256, 192, seed=1).save(os.path.join(inp, "zimage_example.png"))
+    rgba = sample_picture(256, 192, seed=2).convert("RGBA")
+    a = np.full((192, 256), 255, dtype=np.uint8)
+    a[48:144, 64:192] = 0  # transparent = masked (LoadImage's MASK is 1 − alpha)
+    rgba.putalpha(Image.fromarray(a))
+    rgba.save(os.path.join(inp, "zimage_inpaint_example.png"))
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+class ComfyServer:
+    def __init__(self, comfy: str, python: str, base: str, extra_args=()):
+        self.comfy, self.python, self.base = comfy, python, base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = uuid.uuid4().hex
+        os.makedirs(os.path.join(base, "custom_nodes"), exist_ok=True)
+        link = os.path.join(base, "custom_nodes", "ComfyUI-ZImage")
+        if not os.path.exists(link):
+            os.symlink(ROOT, link)
+        self.log_path = os.path.join(base, "comfyui.log")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", base,
+             "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb", *extra_args],
+            cwd=comfy, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 240):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.log()[-3000:]}")
+            try:
+                self.get("/object_info/ZImageSampler")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in {timeout} s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return open(self.log_path, encoding="utf-8", errors="replace").read()
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = r.read()
+                return json.loads(body) if body else {}
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            h = self.get(f"/history/{prompt_id}")
+            if prompt_id in h and h[prompt_id].get("status", {}).get("completed") is not None:
+                if h[prompt_id]["status"].get("status_str") in ("success", "error") or h[prompt_id]["status"]["completed"]:
+                    return h[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+    def images(self, entry: dict) -> list[np.ndarray]:
+        out = []
+        for node_out in entry.get("outputs", {}).values():
+            for im in node_out.get("images", []):
+                p = os.path.join(self.base, "output", im.get("subfolder", ""), im["filename"])
+                out.append(np.asarray(Image.open(p).convert("RGB"), dtype=np.int16))
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """UI-format workflow → API prompt, mapping widgets_values onto each node's widget inputs in
+    /object_info's input order (a seed's control_after_generate value takes one extra slot)."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for n in workflow["nodes"]:
+        if n["type"] in ("MarkdownNote", "Note") or n.get("mode", 0) in (2, 4):
+            continue
+        if n["type"] not in object_info:
+            raise KeyError(f"node type {n['type']} is missing from /object_info")
+        info = object_info[n["type"]]
+        inputs = {}
+        for inp in n.get("inputs", []):
+            if inp.get("link") is not None:
+                lk = links[inp["link"]]
+                inputs[inp["name"]] = [str(lk[1]), lk[2]]
+        values = list(n.get("widgets_values") or [])
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        for name in info["input_order"].get("required", []) + info["input_order"].get("optional", []):
+            typ = spec[name][0]
+            opts = spec[name][1] if len(spec[name]) > 1 else {}
+            if not (isinstance(typ, list) or typ in WIDGET_TYPES) or not values:
+                continue
+            v = values.pop(0)
+            inputs.setdefault(name, v)
+            if opts.get("control_after_generate") and values:
+                values.pop(0)
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(WORKFLOWS, name), encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,149 @@
+"""The nodes inside a real ComfyUI server: object_info, every example workflow, interrupt, wrong files."""
+
+import copy
+import os
+import time
+
+import numpy as np
+import pytest
+from comfy_harness import ComfyServer, comfyui_commit, comfyui_path, comfyui_python, load_workflow, populate, to_api
+
+pytestmark = pytest.mark.comfyui
+COMFY = comfyui_path()
+if COMFY is None:
+    pytest.skip("no ComfyUI found (set COMFYUI_PATH or put one in ~/ComfyUI): real-ComfyUI tests skipped",
+                allow_module_level=True)
+
+OUR_NODES = {"ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageTextEncode", "ZImageSampler", "ZImageEmptyLatent",
+             "ZImageImageToLatent"}
+WORKFLOW_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "example_workflows")) if f.endswith(".json"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy_base"))
+    populate(base)
+    srv = ComfyServer(COMFY, comfyui_python(COMFY), base)
+    print(f"ComfyUI {comfyui_commit(COMFY)} on {srv.url}")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_object_info_lists_every_node_with_tooltips(object_info):
+    assert OUR_NODES <= set(object_info)
+    for name in OUR_NODES:
+        info = object_info[name]
+        assert info["category"] == "Z-Image" and info["description"], name
+        for group in ("required", "optional"):
+            for inp, spec in info["input"].get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+        assert all(info["output_tooltips"]), f"{name} has an output without a tooltip"
+    seed = object_info["ZImageSampler"]["input"]["required"]["seed"][1]
+    assert seed["control_after_generate"] is True
+
+
+def shrink(prompt: dict) -> dict:
+    """Keep the shipped workflow but draw 256×256 (tiny random weights, CPU)."""
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        if node["class_type"] == "ZImageEmptyLatent":
+            node["inputs"].update(resolution="custom", width=256, height=256)
+    return p
+
+
+def run(server, prompt, seed):
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        if node["class_type"] == "ZImageSampler":
+            node["inputs"]["seed"] = seed
+    t0 = time.time()
+    entry = server.wait(server.queue(p))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return server.images(entry), time.time() - t0
+
+
+@pytest.mark.parametrize("name", WORKFLOW_FILES)
+def test_example_workflow_runs(server, object_info, name):
+    prompt = shrink(to_api(load_workflow(name), object_info))
+    a, seconds = run(server, prompt, 1)
+    b, _ = run(server, prompt, 1)
+    c, _ = run(server, prompt, 2)
+    print(f"{name}: {seconds:.1f} s end to end")
+    assert len(a) == 1
+    img = a[0]
+    expect = (256, 256) if "text_to_image" in name else (192, 256)
+    assert img.shape[:2] == expect and img.std() > 2, (img.shape, img.std())
+    assert np.array_equal(a[0], b[0]), "same seed, same image"
+    assert np.abs(a[0] - c[0]).mean() > 0.5, "another seed, another image"
+
+
+def test_inpainting_keeps_the_unmasked_area(server, object_info):
+    prompt = to_api(load_workflow("z_image_turbo_inpainting.json"), object_info)
+    imgs, _ = run(server, prompt, 3)
+    other, _ = run(server, prompt, 4)
+    d = np.abs(imgs[0] - other[0]).mean(-1)
+    # the mask (alpha 0) covers rows 48–144, cols 64–192; far from it the two seeds agree closely
+    assert d[:24, :].mean() < 0.25 * d[56:136, 72:184].mean()
+
+
+def test_interrupt_then_next_run_succeeds(server, object_info):
+    prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    long = copy.deepcopy(prompt)
+    for node in long.values():
+        if node["class_type"] == "ZImageSampler":
+            node["inputs"].update(preset="custom", steps=200, seed=9)
+        if node["class_type"] == "ZImageEmptyLatent":
+            node["inputs"].update(width=1024, height=1024)
+    pid = server.queue(long)
+    t0 = time.time()
+    while time.time() - t0 < 120:  # wait until it is running
+        q = server.get("/queue")
+        if any(item[1] == pid for item in q["queue_running"]):
+            break
+        time.sleep(0.2)
+    time.sleep(3)
+    server.post("/interrupt")
+    entry = server.wait(pid, timeout=120)
+    assert time.time() - t0 < 100, "the interrupt was not prompt"
+    msgs = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in msgs, entry["status"]
+    imgs, _ = run(server, prompt, 5)
+    assert imgs and imgs[0].std() > 2
+
+
+def test_wrong_file_error_names_it_and_server_keeps_serving(server, object_info):
+    prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    bad = copy.deepcopy(prompt)
+    for node in bad.values():
+        if node["class_type"] == "ZImageModelLoader":
+            node["inputs"]["model_name"] = "not_zimage_sdxl.safetensors"
+    entry = server.wait(server.queue(bad))
+    assert entry["status"]["status_str"] == "error"
+    err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert "not_zimage_sdxl.safetensors" in err["exception_message"] and "SDXL" in err["exception_message"]
+    assert "not a Z-Image transformer" in err["exception_message"]
+    assert "ZImageSampler" in server.get("/object_info")
+    imgs, _ = run(server, prompt, 6)
+    assert imgs
+
+
+def test_seed_noise_equals_comfyui_prepare_noise(tmp_path):
+    import subprocess
+
+    code = ("import sys, torch; out = sys.argv[1:]; sys.argv = ['main.py', '--cpu']; sys.path.insert(0, '.'); "
+            "import comfy.options; comfy.options.enable_args_parsing(); import comfy.sample as s; "
+            "torch.save(s.prepare_noise(torch.zeros(2, 16, 8, 8), 123), out[0]); "
+            "torch.save(s.prepare_noise(torch.zeros(2, 16, 4, 4), 7, [3, 1]), out[1])")
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    subprocess.run([comfyui_python(COMFY), "-c", code, a, b], cwd=COMFY, check=True, capture_output=True)
+    import torch
+
+    import zimage_core as zc
+
+    assert torch.equal(torch.load(a), zc.comfy_noise((2, 16, 8, 8), 123))
+    assert torch.equal(torch.load(b), zc.comfy_noise((2, 16, 4, 4), 7, [3, 1]))

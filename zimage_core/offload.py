@@ -1,0 +1,370 @@
+"""VRAM-aware block streaming: a planner that decides which transformer blocks stay on the GPU, and an
+executor that streams the others from pinned host memory, ahead of use, on a separate CUDA stream.
+
+A Z-Image block holds 177 M parameters (354 MB in bf16, 177 MB in fp8) and costs about 1.5 TFLOP at
+1024×1024, so its copy over PCIe takes about as long as its compute: with prefetching, streamed blocks
+cost little more than resident ones. Streamed blocks travel in their storage dtype (fp8 stays fp8).
+
+The same plan logic runs on a CPU-only machine: there the "device" copy is a real clone, every byte
+placed for compute is recorded in a ledger, and tests check the ledger against the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ZImageError
+
+log = logging.getLogger("zimage")
+GB = 1024**3
+MODES = ("auto", "budget", "resident", "min_vram")
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def module_bytes(m: nn.Module) -> int:
+    """Bytes of a module's weights at their storage dtype (plus fp8 scales and run-time patches)."""
+    total = sum(tensor_bytes(p) for p in m.parameters()) + sum(tensor_bytes(b) for b in m.buffers())
+    for sub in m.modules():
+        total += tensor_bytes(getattr(sub, "weight_scale", None))
+        for down, up, _ in getattr(sub, "patches", ()):
+            total += tensor_bytes(down) + tensor_bytes(up)
+    return total
+
+
+def activation_bytes(model, width: int, height: int, batch: int = 1, cfg: bool = False, caption_tokens: int = 512) -> int:
+    """Peak activation memory of one transformer forward (one block's intermediates + the sequences), with margin."""
+    cfg_ = model.cfg
+    b = batch * (2 if cfg else 1)
+    s = (height // 16) * (width // 16) + caption_tokens + 64
+    item = torch.finfo(model.compute_dtype).bits // 8
+    per_token = cfg_.dim * 8 + cfg_.ffn_hidden * 3  # x, residual, qkv (3), attention out, norms + w1, w3, silu·w3
+    return int(1.25 * b * s * per_token * item) + 64 * 1024**2
+
+
+@dataclass
+class OffloadPlan:
+    """Which blocks stay on the compute device; the rest stream in ``prefetch`` blocks ahead."""
+
+    mode: str
+    device: torch.device
+    budget: int | None
+    resident: list[int]
+    streamed: list[int]
+    fixed_bytes: int  # embedders, final layer, pad tokens: always on the device
+    resident_bytes: int
+    streamed_bytes: int  # bytes copied per forward pass
+    buffer_bytes: int  # device room for blocks in flight
+    activation_bytes: int
+    prefetch: int = 2
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.fixed_bytes + self.resident_bytes + self.buffer_bytes + self.activation_bytes
+
+    def summary(self) -> dict:
+        return {
+            "mode": self.mode, "device": str(self.device),
+            "budget_gb": None if self.budget is None else round(self.budget / GB, 2),
+            "resident_gb": round((self.fixed_bytes + self.resident_bytes) / GB, 2),
+            "streamed_gb_per_step": round(self.streamed_bytes / GB, 2),
+            "resident_blocks": len(self.resident), "streamed_blocks": len(self.streamed),
+            "activations_gb": round(self.activation_bytes / GB, 2), "peak_gb": round(self.peak_bytes / GB, 2),
+            "prefetch": self.prefetch,
+        }
+
+    def describe(self) -> str:
+        s = self.summary()
+        text = (f"{s['resident_gb']:.2f} GB resident ({s['resident_blocks']} blocks), {s['streamed_gb_per_step']:.2f} GB "
+                f"streamed per model call ({s['streamed_blocks']} blocks, prefetch {self.prefetch}), peak ≈ {s['peak_gb']:.2f} GB")
+        return text + ("; " + "; ".join(self.notes) if self.notes else "")
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k of n indices, evenly spread (so every streamed block has resident neighbours to hide its copy)."""
+    if k <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    return sorted({int((i + 0.5) * n / k) for i in range(k)})
+
+
+def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_bytes: int | None = None,
+                 activations: int = 0, prefetch: int = 2, device: torch.device | str | None = None) -> OffloadPlan:
+    """Plan for ``model`` (anything with ``blocks()``): ``budget``/``free_bytes`` in bytes for weights and activations.
+
+    auto: use ``free_bytes`` (what the device has free); budget: use ``budget``; resident: everything on
+    the device; min_vram: only the small fixed modules resident, every block streamed one ahead.
+    """
+    if mode not in MODES:
+        raise ZImageError(f"unknown offload mode {mode!r}; choose one of {', '.join(MODES)}.")
+    blocks = model.blocks()
+    sizes = [module_bytes(b) for b in blocks]
+    hosts = getattr(model, "host_modules", list)()
+    skip = {id(p) for m in [*blocks, *hosts] for p in m.parameters()}
+    fixed = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in skip)
+    total = sum(sizes)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notes: list[str] = []
+    biggest = max(sizes, default=0)
+    n = len(blocks)
+    if mode == "resident" or (mode == "auto" and free_bytes is None):
+        return OffloadPlan(mode, dev, budget, list(range(n)), [], fixed, total, 0, 0, activations, 0)
+    if mode == "min_vram":
+        cap, prefetch, resident = None, 1, []
+    else:
+        cap = budget if mode == "budget" else free_bytes
+        if cap is None:
+            raise ZImageError("offload mode 'budget' needs a budget in GB.")
+        if cap - fixed - activations >= total:
+            return OffloadPlan(mode, dev, cap, list(range(n)), [], fixed, total, 0, 0, activations, 0)
+        room = cap - fixed - activations - (prefetch + 1) * biggest
+        if room < 0 and prefetch > 1:
+            prefetch = 1
+            room = cap - fixed - activations - 2 * biggest
+            notes.append("prefetch lowered to 1 to fit the budget")
+        if room < 0:
+            notes.append(f"the budget of {cap / GB:.2f} GB is below the minimum of about "
+                         f"{(fixed + activations + 2 * biggest) / GB:.2f} GB (fixed modules, activations, two blocks in flight)")
+        k = 0
+        while k < n and sum(sizes[i] for i in spread(n, k + 1)) <= room:
+            k += 1
+        resident = spread(n, k)
+    streamed = [i for i in range(len(blocks)) if i not in set(resident)]
+    res_bytes = sum(sizes[i] for i in resident)
+    buf = (prefetch + 1) * max((sizes[i] for i in streamed), default=0) if streamed else 0
+    return OffloadPlan(mode, dev, cap, resident, streamed, fixed, res_bytes, sum(sizes[i] for i in streamed), buf,
+                       activations, prefetch, notes)
+
+
+class Ledger:
+    """Bytes currently placed on the compute device by the executor, and the peak (the test instrument)."""
+
+    def __init__(self):
+        self.now = 0
+        self.peak = 0
+        self.events: list[tuple[str, int]] = []
+
+    def add(self, n: int, what: str = ""):
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        self.events.append((what, self.now))
+
+    def sub(self, n: int, what: str = ""):
+        self.now -= n
+        self.events.append((what, self.now))
+
+
+def _slots(module: nn.Module, recurse: bool = True):
+    """(module, name, kind) for every tensor a module holds: parameters, buffers, fp8 scales, LoRA patches."""
+    for m in module.modules() if recurse else [module]:
+        for name, p in m._parameters.items():
+            if p is not None:
+                yield m, name, "param"
+        for name, b in m._buffers.items():
+            if b is not None:
+                yield m, name, "buffer"
+        if getattr(m, "weight_scale", None) is not None:
+            yield m, "weight_scale", "attr"
+        if getattr(m, "patches", None):
+            yield m, "patches", "attr"
+
+
+def _get(m, name, kind):
+    return m._parameters[name] if kind == "param" else m._buffers[name] if kind == "buffer" else getattr(m, name)
+
+
+def _set(m, name, kind, value):
+    if kind == "param":
+        m._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    elif kind == "buffer":
+        m._buffers[name] = value
+    else:
+        setattr(m, name, value)
+
+
+def _bytes(v) -> int:
+    if isinstance(v, list):  # LoRA patches: [(down, up, factor)]
+        return sum(tensor_bytes(d) + tensor_bytes(u) for d, u, _ in v)
+    return tensor_bytes(v)
+
+
+def _move(v, device: torch.device, non_blocking: bool = False):
+    """A copy of v on ``device`` (a real clone when the device is the CPU, so the CPU ledger counts real bytes)."""
+    if isinstance(v, list):
+        return [(_move(d, device, non_blocking), _move(u, device, non_blocking), f) for d, u, f in v]
+    if device.type == "cpu" and v.device.type == "cpu":
+        return v.clone()
+    return v.to(device, non_blocking=non_blocking)
+
+
+def _to_host(v, pin: bool):
+    if isinstance(v, list):
+        return [(_to_host(d, pin), _to_host(u, pin), f) for d, u, f in v]
+    v = v if v.device.type == "cpu" else v.cpu()
+    return v.pin_memory() if pin and not v.is_pinned() else v
+
+
+class BlockStreamer:
+    """Executes a plan. Fixed modules and resident blocks live on the device; streamed blocks live in (pinned)
+    host memory and are copied in ``prefetch`` blocks ahead of use on a side stream, then released.
+
+    ``attach()`` installs it as ``model.run_block``; ``detach()`` returns every tensor to the host.
+    """
+
+    def __init__(self, model, plan: OffloadPlan, ledger: Ledger | None = None, cyclic: bool = True):
+        self.model, self.plan = model, plan
+        self.device = plan.device
+        self.ledger = ledger or Ledger()
+        self.blocks = model.blocks()
+        self.index = {id(b): i for i, b in enumerate(self.blocks)}
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.cyclic = cyclic  # prefetch the first streamed blocks of the next call while the last ones run
+        self.inflight: dict[int, tuple[list, object]] = {}
+        self.host: dict[int, list] = {}  # streamed block → its host tensors, in slot order
+        self.copied_bytes = 0
+        self.attached = False
+
+    def _fixed_slots(self):
+        inside = {id(m) for b in self.blocks for m in b.modules()}
+        hosts = getattr(self.model, "host_modules", list)()
+        inside |= {id(m) for h in hosts for m in h.modules()}
+        for m in self.model.modules():
+            if id(m) not in inside:
+                yield from _slots(m, recurse=False)
+
+    def _place(self, slots, what: str) -> None:
+        for m, n, k in slots:
+            v = _get(m, n, k)
+            if isinstance(v, list) or v.device != self.device or self.device.type == "cpu":
+                v = _move(v, self.device)
+                _set(m, n, k, v)
+            self.ledger.add(_bytes(v), what)
+
+    def attach(self) -> BlockStreamer:
+        self._place(list(self._fixed_slots()), "fixed")
+        streamed = set(self.plan.streamed)
+        for i, blk in enumerate(self.blocks):
+            if i in streamed:
+                self._demote(i, count=False)
+            else:
+                self._place(list(_slots(blk)), f"resident {i}")
+        self.model.run_block = self.run_block
+        self.model.compute_device = self.device
+        self.attached = True
+        return self
+
+    def _demote(self, i: int, count: bool = True) -> None:
+        host = []
+        for m, n, k in _slots(self.blocks[i]):
+            v = _get(m, n, k)
+            if count:
+                self.ledger.sub(_bytes(v), f"demote {i}")
+            h = _to_host(v, self.cuda)
+            _set(m, n, k, h)
+            host.append(h)
+        self.host[i] = host
+
+    def _promote(self, i: int) -> None:
+        self.host.pop(i)
+        self._place(list(_slots(self.blocks[i])), f"promote {i}")
+
+    def replan(self, plan: OffloadPlan) -> None:
+        """Switch plans in place (ComfyUI asked for memory back, or gave more)."""
+        self.drop_inflight()
+        old = set(self.plan.streamed)
+        new = set(plan.streamed)
+        self.plan = plan
+        for i in range(len(self.blocks)):
+            if i in new and i not in old:
+                self._demote(i)
+            elif i in old and i not in new:
+                self._promote(i)
+
+    def detach(self) -> None:
+        """Every tensor back to host memory; ``model.run_block`` is plain again."""
+        self.drop_inflight()
+        for m, n, k in _slots(self.model):
+            _set(m, n, k, _to_host(_get(m, n, k), False))
+        self.ledger.sub(self.ledger.now, "detach")
+        self.host.clear()
+        self.model.run_block = lambda block, *args: block(*args)
+        self.model.__dict__.pop("compute_device", None)
+        self.attached = False
+
+    @property
+    def placed_bytes(self) -> int:
+        return self.ledger.now
+
+    # ---- streaming --------------------------------------------------------------------------------
+    def _prefetch(self, i: int) -> None:
+        if i in self.inflight or i not in self.host:
+            return
+        if self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                dev = [_move(v, self.device, non_blocking=True) for v in self.host[i]]
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+        else:
+            dev, ev = [_move(v, self.device) for v in self.host[i]], None
+        n = sum(_bytes(v) for v in dev)
+        self.copied_bytes += n
+        self.ledger.add(n, f"stream in {i}")
+        self.inflight[i] = (dev, ev)
+
+    def _release(self, i: int) -> None:
+        dev, _ = self.inflight.pop(i)
+        self.ledger.sub(sum(_bytes(v) for v in dev), f"release {i}")
+
+    def drop_inflight(self) -> None:
+        for i in list(self.inflight):
+            self._release(i)
+
+    def run_block(self, block, *args):
+        i = self.index.get(id(block))
+        if i is None or i not in self.host:
+            return block(*args)
+        order = self.plan.streamed
+        pos = order.index(i)
+        ahead = (order + order)[pos : pos + 1 + self.plan.prefetch] if self.cyclic else order[pos : pos + 1 + self.plan.prefetch]
+        for j in ahead:
+            self._prefetch(j)
+        dev, ev = self.inflight[i]
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        slots = list(_slots(block))
+        for (m, n, k), v in zip(slots, dev):
+            if self.cuda and not isinstance(v, list):
+                v.record_stream(torch.cuda.current_stream(self.device))  # keep the copy's memory until compute is done
+            _set(m, n, k, v)
+        try:
+            return block(*args)
+        finally:
+            for (m, n, k), v in zip(slots, self.host[i]):
+                _set(m, n, k, v)
+            self._release(i)
+
+
+def offload(model, *, mode: str = "auto", budget_gb: float | None = None, device=None, width: int = 1024,
+            height: int = 1024, batch: int = 1, cfg: bool = False, prefetch: int = 2,
+            free_bytes: Callable[[torch.device], int] | int | None = None, ledger: Ledger | None = None) -> BlockStreamer:
+    """Plan and attach streaming for ``model`` in one call (the standalone pipeline and tests use this)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acts = activation_bytes(model, width, height, batch, cfg) if hasattr(model, "cfg") and hasattr(model.cfg, "ffn_hidden") else 0
+    free = free_bytes(dev) if callable(free_bytes) else free_bytes
+    if free is None and mode == "auto" and dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0] - 512 * 1024**2
+    plan = plan_offload(model, mode=mode, budget=None if budget_gb is None else int(budget_gb * GB), free_bytes=free,
+                        activations=acts, prefetch=prefetch, device=dev)
+    log.info("Z-Image offload plan: %s", plan.describe())
+    return BlockStreamer(model, plan, ledger).attach()
