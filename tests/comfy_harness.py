@@ -163,6 +163,29 @@ class ComfyServer:
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
+    def run_with_messages(self, prompt: dict, timeout: float = 300) -> tuple[list[dict], int]:
+        """Queue ``prompt`` while listening on the websocket: its JSON messages and the number of binary
+        (preview image) frames, until the run ends."""
+        import websocket
+
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            pid = self.queue(prompt)
+            msgs, previews, t0 = [], 0, time.time()
+            while time.time() - t0 < timeout:
+                frame = ws.recv()
+                if isinstance(frame, bytes):
+                    previews += 1
+                    continue
+                m = json.loads(frame)
+                msgs.append(m)
+                d = m.get("data", {})
+                if d.get("prompt_id") == pid and m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                    return msgs, previews
+            raise TimeoutError("run did not end")
+        finally:
+            ws.close()
+
     def images(self, entry: dict) -> list[np.ndarray]:
         out = []
         for node_out in entry.get("outputs", {}).values():

@@ -82,6 +82,18 @@ def test_example_workflow_runs(server, object_info, name):
     assert np.abs(a[0] - c[0]).mean() > 0.5, "another seed, another image"
 
 
+def test_progress_previews_and_step_messages(server, object_info):
+    prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    msgs, previews = server.run_with_messages(prompt)
+    progress = [m["data"] for m in msgs if m["type"] == "progress"]
+    steps = [m["data"] for m in msgs if m["type"] == "zimage.progress"]
+    assert msgs[-1]["type"] == "execution_success"
+    assert [p["value"] for p in progress if p["max"] == 8][-1] == 8  # ProgressBar reached the last of 8 steps
+    assert previews >= 1, "no live preview frames"
+    assert [s["step"] for s in steps] == list(range(1, 9)) and all(s["total"] == 8 and s["eta_seconds"] >= 0 for s in steps)
+    assert any(m["type"] == "zimage.plan" for m in msgs)
+
+
 def test_inpainting_keeps_the_unmasked_area(server, object_info):
     prompt = to_api(load_workflow("z_image_turbo_inpainting.json"), object_info)
     imgs, _ = run(server, prompt, 3)

@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="folder with the Qwen tokenizer files (vocab.json, merges.txt)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH", help="apply a LoRA (repeatable)")
     g.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    g.add_argument("--fp8", action="store_true", help="store the transformer's weights in fp8 (half the memory)")
+    g.add_argument("--offload", choices=["auto", "budget", "resident", "min_vram"], default="auto",
+                   help="GPU memory plan: auto fits free VRAM, budget uses --vram-budget, resident keeps all, min_vram streams all")
+    g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--vae-tile", type=int, default=None, help="exact tiled VAE encode/decode with tiles of this many pixels (low memory, no seams)")
     i = sub.add_parser("info", help="describe a weight file or folder")
@@ -99,7 +103,9 @@ def generate(a) -> list[str]:
     )
     t0 = time.perf_counter()
     with tqdm(total=3, desc="loading", unit="model", disable=None) as bar:
-        pipe = ZImagePipeline.from_paths(paths, dtype=DTYPES[a.dtype], device=a.device)
+        pipe = ZImagePipeline.from_paths(paths, dtype=DTYPES[a.dtype], device=a.device, offload=a.offload,
+                                         vram_budget_gb=a.vram_budget,
+                                         storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
         bar.update(3)
     if a.lora:
         from .lora import apply_lora_specs

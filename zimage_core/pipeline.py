@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -127,20 +128,51 @@ def mask_to_latent(mask: Image.Image | torch.Tensor, h: int, w: int, binarize: b
 class ZImagePipeline:
     """Text-to-image, image-to-image and inpainting with our transformer, text encoder and autoencoder."""
 
-    def __init__(self, transformer, text_encoder, autoencoder: AutoEncoder):
+    def __init__(self, transformer, text_encoder, autoencoder: AutoEncoder, device="cpu", offload: str = "auto",
+                 vram_budget_gb: float | None = None):
         self.transformer, self.text_encoder, self.autoencoder = transformer, text_encoder, autoencoder
+        self.device, self.offload_mode, self.vram_budget_gb = torch.device(device), offload, vram_budget_gb
 
     @classmethod
     def from_paths(cls, paths: WeightPaths, dtype: torch.dtype | None = torch.bfloat16, device="cpu",
-                   vae_dtype: torch.dtype | None = None) -> ZImagePipeline:
-        dit = load_transformer(paths.transformer, dtype=dtype, device=device)
-        te = load_text_encoder(paths.text_encoder, dtype=dtype, device=device, tokenizer=paths.tokenizer,
-                               expect_hidden=dit.cfg.cap_feat_dim)
-        vae = load_autoencoder(paths.vae, dtype=vae_dtype, device=device)
-        return cls(dit, te, vae)
+                   vae_dtype: torch.dtype | None = None, offload: str = "auto", vram_budget_gb: float | None = None,
+                   storage_dtype: torch.dtype | None = None) -> ZImagePipeline:
+        """Weights load into host memory; on a GPU each model is placed (or streamed) only while it runs."""
+        dit = load_transformer(paths.transformer, dtype=dtype, storage_dtype=storage_dtype)
+        te = load_text_encoder(paths.text_encoder, dtype=dtype, tokenizer=paths.tokenizer, expect_hidden=dit.cfg.cap_feat_dim)
+        vae = load_autoencoder(paths.vae, dtype=vae_dtype)
+        return cls(dit, te, vae, device, offload, vram_budget_gb)
+
+    @contextmanager
+    def on_device(self, model, **activation_args):
+        """Run ``model`` on the pipeline's device under the offload plan, and hand the memory back afterwards."""
+        if self.device.type == "cpu":
+            yield
+            return
+        from .offload import offload
+
+        st = offload(model, mode=self.offload_mode, budget_gb=self.vram_budget_gb, device=self.device, **activation_args)
+        try:
+            yield
+        finally:
+            st.detach()
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def vae_on_device(self):
+        if self.device.type == "cpu":
+            yield
+            return
+        self.autoencoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.autoencoder.to("cpu")
+            torch.cuda.empty_cache()
 
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
-        caps = self.text_encoder.encode(prompts)
+        with self.on_device(self.text_encoder):
+            caps = [c.cpu() for c in self.text_encoder.encode(prompts)]
         if caps and caps[0].shape[-1] != self.transformer.cfg.cap_feat_dim:
             raise ZImageError(f"the text encoder gives {caps[0].shape[-1]}-d features but the transformer reads "
                               f"{self.transformer.cfg.cap_feat_dim}-d; pair the model with its own text encoder (Qwen3-4B).")
@@ -165,7 +197,8 @@ class ZImagePipeline:
         init_latents = latent_mask = None
         if init is not None:
             sig = full[start_index(s.steps, s.strength):]
-            init_latents = to_model_space(self.autoencoder.encode(init, tile=vae_tile))
+            with self.vae_on_device():
+                init_latents = to_model_space(self.autoencoder.encode(init, tile=vae_tile)).cpu()
             if mask is not None:
                 mh, mw = (mask.size[1], mask.size[0]) if isinstance(mask, Image.Image) else tuple(mask.shape[-2:])
                 if (mh, mw) != (s.height, s.width):
@@ -181,10 +214,12 @@ class ZImagePipeline:
         pos = self.encode_prompts([s.prompt])
         neg = self.encode_prompts([s.negative_prompt]) if use_cfg else None
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
-        x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
-                   cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask,
-                   callback=callback, cancel=cancel)
-        images = self.autoencoder.decode(from_model_space(x), tile=vae_tile)
+        with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
+            x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
+                       cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask, shift=s.shift,
+                       callback=callback, cancel=cancel).cpu()
+        with self.vae_on_device():
+            images = self.autoencoder.decode(from_model_space(x), tile=vae_tile).cpu()
         return [to_pil(im) for im in images], x
 
 
