@@ -7,10 +7,12 @@ from comfy_api.latest import ComfyExtension, io
 from .conditioning import ZImageTextEncode
 from .latents import ZImageEmptyLatent, ZImageImageToLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader
+from .lora import ZImageLoraLoader
 from .sampling import ZImageSampler
 
 NODES: list[type[io.ComfyNode]] = [
     ZImageModelLoader, ZImageTextEncoderLoader, ZImageTextEncode, ZImageSampler, ZImageEmptyLatent, ZImageImageToLatent,
+    ZImageLoraLoader,
 ]
 
 

@@ -103,6 +103,22 @@ class Handle:
     def __repr__(self):
         return f"<Z-Image {type(self.module).__name__} from {os.path.basename(self.path)}>"
 
+    def with_lora(self, lora, strength: float) -> Handle:
+        """A new handle on the same module and patcher, with one more LoRA in its stack."""
+        h = Handle(self.module, self.patcher, self.path, self.options)
+        h.loras = [*self.loras, (lora, strength)]
+        return h
+
+    def activate(self) -> None:
+        """Make the shared module carry exactly this handle's LoRA stack (re-patching on the host if it differs)."""
+        from zimage_core.lora import LoraPatcher
+
+        lp = LoraPatcher.of(self.module)
+        wanted = tuple((id(f), float(s)) for f, s in self.loras) + (None,)
+        if lp.active != wanted and (lp.active or self.loras):
+            self.patcher.detach()  # weights back on the host before they change
+            lp.apply(self.loras)
+
 
 _CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 

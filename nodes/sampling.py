@@ -74,6 +74,7 @@ class ZImageSampler(io.ComfyNode):
         raw, _ = latent_samples(latent_image)
         b, _, h, w = raw.shape
         dit = model.module
+        model.activate()
         model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
         total = steps - (zc.start_index(steps, denoise) if denoise < 1.0 else 0)
         previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())

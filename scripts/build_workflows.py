@@ -80,8 +80,13 @@ PROMPT = ("A red fox curled up asleep on a mossy stone in a misty birch forest a
 NEG = "blurry, low quality, oversaturated, deformed, text, watermark"
 
 
-def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link=""):
+def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link="", loras=()):
     g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips), negative)
+    for i, (lora, strength) in enumerate(loras):
+        nxt = g.node("ZImageLoraLoader", (20, 800 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
+                     inputs=[("model", "ZIMAGE_MODEL")])
+        g.link(m, 0, nxt, "model")
+        m = nxt
     pos = g.node("ZImageTextEncode", (400, 420), [PROMPT], size=(420, 200), title="Positive prompt",
                  inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
     g.link(te, 0, pos, "text_encoder")
@@ -150,6 +155,12 @@ def main():
         "**Settings:** preset *base* = 28 steps, cfg 4 (ComfyUI convention; 3–5 works), shift 3, with a negative prompt. "
         "More steps (up to 50) add detail. cfg_normalization 1 tames very high cfg.",
         base_link=" (base model: [Comfy-Org/z_image](https://huggingface.co/Comfy-Org/z_image))")
+    text_to_image(
+        "z_image_turbo_two_loras", "Z-Image-Turbo: two stacked LoRAs", "z_image_turbo_bf16.safetensors", "turbo", 8, 1.0, False,
+        "**LoRAs:** put Z-Image LoRAs in `models/loras/` and pick them in the two LoRA nodes (any trainer's format: "
+        "ai-toolkit, musubi/kohya, diffusers, LyCORIS/LoKr, DiffSynth). Chain more nodes to stack more; strength 0 "
+        "turns one off. The example names are placeholders for your own files.",
+        loras=[("zimage_style_lora.safetensors", 0.8), ("zimage_detail_lora.safetensors", 0.5)])
     edit("z_image_turbo_image_to_image", "Z-Image-Turbo: image to image", "zimage_example.png", False, 0.6,
          "**Settings:** put your picture in `input/` and pick it in Load Image. *denoise* is the strength: 0.3 keeps the "
          "composition, 0.8 repaints most of it.")

@@ -89,6 +89,7 @@ def populate(base: str) -> None:
                "model.diffusion_model.output_blocks.0.0.weight": torch.zeros(4),
                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)},
               os.path.join(models, "diffusion_models", "not_zimage_sdxl.safetensors"))
+    write_loras(os.path.join(models, "loras"), dit)
     inp = os.path.join(base, "input")
     os.makedirs(inp, exist_ok=True)
     sample_picture(256, 192, seed=1).save(os.path.join(inp, "zimage_example.png"))
@@ -97,6 +98,23 @@ def populate(base: str) -> None:
     a[48:144, 64:192] = 0  # transparent = masked (LoadImage's MASK is 1 − alpha)
     rgba.putalpha(Image.fromarray(a))
     rgba.save(os.path.join(inp, "zimage_inpaint_example.png"))
+
+
+def write_loras(folder: str, dit) -> None:
+    """Two tiny LoRAs for the tiny transformer, in two dialects (ai-toolkit and kohya/musubi)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    a, b = {}, {}
+    for name, m in dit.named_modules():
+        if isinstance(m, torch.nn.Linear) and ("attention.to_" in name or "feed_forward" in name):
+            down, up = torch.randn(4, m.in_features, generator=g) * 0.3, torch.randn(m.out_features, 4, generator=g) * 0.3
+            a[f"diffusion_model.{name}.lora_A.weight"], a[f"diffusion_model.{name}.lora_B.weight"] = down, up
+            k = "lora_unet_" + name.replace(".", "_")
+            b[k + ".lora_down.weight"], b[k + ".lora_up.weight"], b[k + ".alpha"] = down.flip(0), up, torch.tensor(4.0)
+    save_file({k: v.contiguous() for k, v in a.items()}, os.path.join(folder, "zimage_style_lora.safetensors"))
+    save_file({k: v.contiguous() for k, v in b.items()}, os.path.join(folder, "zimage_detail_lora.safetensors"))
 
 
 # ---- the server -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ if COMFY is None:
                 allow_module_level=True)
 
 OUR_NODES = {"ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageTextEncode", "ZImageSampler", "ZImageEmptyLatent",
-             "ZImageImageToLatent"}
+             "ZImageImageToLatent", "ZImageLoraLoader"}
 WORKFLOW_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "example_workflows")) if f.endswith(".json"))
 
 
@@ -76,7 +76,8 @@ def test_example_workflow_runs(server, object_info, name):
     print(f"{name}: {seconds:.1f} s end to end")
     assert len(a) == 1
     img = a[0]
-    expect = (256, 256) if "text_to_image" in name else (192, 256)
+    text_to_image = any(n["class_type"] == "ZImageEmptyLatent" for n in prompt.values())
+    expect = (256, 256) if text_to_image else (192, 256)  # the edit inputs are 256×192 pictures
     assert img.shape[:2] == expect and img.std() > 2, (img.shape, img.std())
     assert np.array_equal(a[0], b[0]), "same seed, same image"
     assert np.abs(a[0] - c[0]).mean() > 0.5, "another seed, another image"
@@ -92,6 +93,23 @@ def test_progress_previews_and_step_messages(server, object_info):
     assert previews >= 1, "no live preview frames"
     assert [s["step"] for s in steps] == list(range(1, 9)) and all(s["total"] == 8 and s["eta_seconds"] >= 0 for s in steps)
     assert any(m["type"] == "zimage.plan" for m in msgs)
+
+
+def test_loras_change_the_image_and_the_base_graph_stays_plain(server, object_info):
+    with_loras = shrink(to_api(load_workflow("z_image_turbo_two_loras.json"), object_info))
+    plain = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    a, _ = run(server, with_loras, 11)
+    b, _ = run(server, plain, 11)
+    c, _ = run(server, with_loras, 11)
+    off = copy.deepcopy(with_loras)
+    for node in off.values():
+        if node["class_type"] == "ZImageLoraLoader":
+            node["inputs"]["strength"] = 0.0
+    d, _ = run(server, off, 11)
+    assert np.abs(a[0] - b[0]).mean() > 1.0  # the stacked LoRAs change the picture
+    assert np.array_equal(a[0], c[0])  # and applying them again is deterministic
+    assert np.array_equal(b[0], d[0])  # strength 0 = the cached base model, restored bit for bit
+    assert np.array_equal(b[0], run(server, plain, 11)[0][0])
 
 
 def test_inpainting_keeps_the_unmasked_area(server, object_info):

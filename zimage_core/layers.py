@@ -23,7 +23,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         # fp8 checkpoints with a scale: real weight = weight.to(compute) * weight_scale
         self.weight_scale: torch.Tensor | None = None
-        # run-time low-rank patches: list of (down [r, in], up [out, r], factor); see lora.py
+        # run-time patches: (down [r, in], up [out, r], factor) or (None, ΔW [out, in], factor); see lora.py
         self.patches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -39,8 +39,9 @@ class Linear(nn.Module):
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
         y = F.linear(x, self.compute_weight(x.dtype), b)
-        for down, up, factor in self.patches:
-            y = y + F.linear(F.linear(x, down.to(device=x.device, dtype=x.dtype)), up.to(device=x.device, dtype=x.dtype)) * factor
+        for down, up, factor in self.patches:  # low-rank (down, up) or dense (None, ΔW)
+            h = x if down is None else F.linear(x, down.to(device=x.device, dtype=x.dtype))
+            y = y + F.linear(h, up.to(device=x.device, dtype=x.dtype)) * factor
         return y
 
     def extra_repr(self) -> str:

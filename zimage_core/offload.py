@@ -192,7 +192,7 @@ def _set(m, name, kind, value):
 
 
 def _bytes(v) -> int:
-    if isinstance(v, list):  # LoRA patches: [(down, up, factor)]
+    if isinstance(v, list):  # LoRA patches: [(down or None, up, factor)]
         return sum(tensor_bytes(d) + tensor_bytes(u) for d, u, _ in v)
     return tensor_bytes(v)
 
@@ -200,7 +200,7 @@ def _bytes(v) -> int:
 def _move(v, device: torch.device, non_blocking: bool = False):
     """A copy of v on ``device`` (a real clone when the device is the CPU, so the CPU ledger counts real bytes)."""
     if isinstance(v, list):
-        return [(_move(d, device, non_blocking), _move(u, device, non_blocking), f) for d, u, f in v]
+        return [(None if d is None else _move(d, device, non_blocking), _move(u, device, non_blocking), f) for d, u, f in v]
     if device.type == "cpu" and v.device.type == "cpu":
         return v.clone()
     return v.to(device, non_blocking=non_blocking)
@@ -208,7 +208,7 @@ def _move(v, device: torch.device, non_blocking: bool = False):
 
 def _to_host(v, pin: bool):
     if isinstance(v, list):
-        return [(_to_host(d, pin), _to_host(u, pin), f) for d, u, f in v]
+        return [(None if d is None else _to_host(d, pin), _to_host(u, pin), f) for d, u, f in v]
     v = v if v.device.type == "cpu" else v.cpu()
     return v.pin_memory() if pin and not v.is_pinned() else v
 
