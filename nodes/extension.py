@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import ZImageTextEncode
+from .edit import ZImageEditEncode
 from .latents import ZImageEmptyLatent, ZImageImageToLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader
 from .lora import ZImageLoraLoader
@@ -12,7 +13,7 @@ from .sampling import ZImageSampler
 
 NODES: list[type[io.ComfyNode]] = [
     ZImageModelLoader, ZImageTextEncoderLoader, ZImageTextEncode, ZImageSampler, ZImageEmptyLatent, ZImageImageToLatent,
-    ZImageLoraLoader,
+    ZImageLoraLoader, ZImageEditEncode,
 ]
 
 

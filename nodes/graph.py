@@ -58,13 +58,46 @@ def entries_from_conditioning(cond: list, what: str = "positive") -> list[CondEn
             caps.append(row)
         if any(k in d for k in ("area", "mask")):
             log.warning("Z-Image sampler: area/mask conditioning is not supported and was applied to the whole image.")
+        refs = siglip = None
+        if d.get("reference_latents"):
+            extra = [e[0] if e.ndim == 3 else e for e in d.get("reference_latents_text_embeds", [])]
+            if len(extra) != len(d["reference_latents"]) + 1:
+                raise zc.ZImageError(f"the {what} conditioning has {len(d['reference_latents'])} reference images but "
+                                     f"{len(extra)} extra caption segments (expected one more than images); encode it with "
+                                     "Z-Image Edit Encode (or ComfyUI's TextEncodeZImageOmni).")
+            caps = [extra[:-1] + [c] + extra[-1:] for c in caps]  # head, between…, prompt, tail (the reference order)
+            lat = [zc.to_model_space(r[:, :, 0] if r.ndim == 5 else r).float() for r in d["reference_latents"]]
+            refs = [[r[min(i, r.shape[0] - 1)] for r in lat] for i in range(len(caps))]
+            feats = d.get("zimage_siglip")
+            if feats is None and d.get("clip_vision_outputs"):
+                feats = [siglip_from_clip_vision(o) for o in d["clip_vision_outputs"]]
+            if feats is not None:
+                siglip = [list(feats) + [None] for _ in caps]
         out.append(CondEntry(caps, float(d.get("strength", 1.0)), float(d.get("start_percent", 0.0)),
-                             float(d.get("end_percent", 1.0))))
+                             float(d.get("end_percent", 1.0)), refs, siglip))
     return out
 
 
+def siglip_from_clip_vision(output) -> torch.Tensor:
+    """A ComfyUI CLIP_VISION (SigLIP2) output → H×W×C patch features (as ComfyUI's Z-Image model reshapes them)."""
+    hs = output["last_hidden_state"] if isinstance(output, dict) else output.last_hidden_state
+    size = (output["image_sizes"] if isinstance(output, dict) else output.image_sizes)[0]
+    return hs[0].reshape(size[1] // 16, size[2] // 16, hs.shape[-1])
+
+
+def omni_conditioning(main: torch.Tensor, extra: list[torch.Tensor], ref_latents: list[torch.Tensor],
+                      siglip: list[torch.Tensor] | None) -> list:
+    """Edit conditioning in ComfyUI's native Z-Image Omni keys: the prompt segment as the tensor, the other caption
+    segments (head, between…, tail) as reference_latents_text_embeds, raw reference latents, optional SigLIP."""
+    d = {"pooled_output": None, "reference_latents": ref_latents, "reference_latents_text_embeds": [e[None] for e in extra]}
+    if siglip is not None:
+        d["zimage_siglip"] = siglip
+    return [[main[None].cpu(), d]]
+
+
 def check_features(entries: list[CondEntry], dim: int, what: str) -> None:
-    d = entries[0].captions[0].shape[-1]
+    first = entries[0].captions[0]
+    d = (first[0] if isinstance(first, list) else first).shape[-1]
     if d != dim:
         raise zc.ZImageError(f"the {what} conditioning has {d}-d text features but this Z-Image model reads {dim}-d "
                              "(Qwen3-4B). Encode the prompt with the Z-Image text encoder.")

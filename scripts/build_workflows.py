@@ -26,9 +26,9 @@ OUTPUT_TYPES = {
     "ZImageTextEncode": ["CONDITIONING"], "ZImageEmptyLatent": ["LATENT"], "ZImageSampler": ["LATENT"],
     "ZImageImageToLatent": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"], "SaveImage": [],
     "LoadImage": ["IMAGE", "MASK"], "MarkdownNote": [], "ZImageLoraLoader": ["ZIMAGE_MODEL"],
-    "ZImageEditEncode": ["CONDITIONING"],
+    "ZImageEditEncode": ["CONDITIONING", "CONDITIONING", "LATENT"],
 }
-OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"]}
+OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"], "ZImageEditEncode": ["positive", "negative", "latent"]}
 
 
 class Graph:
@@ -144,6 +144,33 @@ def edit(name, title, image, with_mask, denoise, tips):
     g.dump(name, title)
 
 
+def reference_edit(name, title, images, prompt, tips):
+    model = "z_image_turbo_bf16.safetensors"
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    loads = [g.node("LoadImage", (400, 420 + 400 * i), [im, "image"], size=(320, 360), title=f"Reference {i + 1}")
+             for i, im in enumerate(images)]
+    vae = g.node("VAELoader", (760, 820), ["ae.safetensors"], size=(320, 60))
+    ins = [("text_encoder", "ZIMAGE_TEXT_ENCODER"), ("vae", "VAE")] + [(f"image{i + 1}", "IMAGE") for i in range(len(images))]
+    enc = g.node("ZImageEditEncode", (760, 420), [prompt, "", True], size=(420, 340), inputs=ins, color=("#232", "#353"))
+    g.link(te, 0, enc, "text_encoder")
+    g.link(vae, 0, enc, "vae")
+    for i, ld in enumerate(loads):
+        g.link(ld, 0, enc, f"image{i + 1}")
+    s = g.node("ZImageSampler", (1220, 420), [5, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0], size=(320, 330),
+               inputs=[("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
+                       ("negative", "CONDITIONING")])
+    g.link(m, 0, s, "model")
+    g.link(enc, 0, s, "positive")
+    g.link(enc, 2, s, "latent_image")
+    g.link(enc, 1, s, "negative")
+    dec = g.node("VAEDecode", (1580, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
+    g.link(s, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    save = g.node("SaveImage", (1580, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
+    g.link(dec, 0, save, "images")
+    g.dump(name, title)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     text_to_image(
@@ -164,6 +191,18 @@ def main():
     edit("z_image_turbo_image_to_image", "Z-Image-Turbo: image to image", "zimage_example.png", False, 0.6,
          "**Settings:** put your picture in `input/` and pick it in Load Image. *denoise* is the strength: 0.3 keeps the "
          "composition, 0.8 repaints most of it.")
+    reference_edit(
+        "z_image_edit_one_reference", "Z-Image Edit: instruction editing with one reference image", ["zimage_example.png"],
+        "turn this scene into a snowy winter evening, keep the composition",
+        "**Editing:** the instruction says what to change; the reference image is given to the model as clean tokens "
+        "(the Z-Image Omni/Edit scheme). Today's Turbo/Base weights follow references loosely; when Z-Image-Edit is "
+        "released, load it in the model loader instead (and connect a SigLIP2 CLIP vision model if it needs one). "
+        "The target size is the (last) reference image's.")
+    reference_edit(
+        "z_image_edit_two_references", "Z-Image Edit: combine two images", ["zimage_example.png", "zimage_inpaint_example.png"],
+        "place the disc from image 2 into the scene of image 1, matching its lighting",
+        "**Combining:** up to three references; refer to them as image 1, image 2 … in the instruction. The output takes "
+        "the size of the last reference.")
     edit("z_image_turbo_inpainting", "Z-Image-Turbo: inpainting", "zimage_inpaint_example.png", True, 1.0,
          "**Settings:** paint the area to replace in the Load Image mask editor (right-click → Open in MaskEditor). "
          "grow_mask_by and feather blend the edges; denoise 1 fully repaints the masked area.")

@@ -64,6 +64,14 @@ def test_img2img_and_inpaint_from_the_command_line(models, tokenizer_dir, tmp_pa
     assert json.loads(Image.open(tmp_path / "inpaint.png").info["zimage"])["strength"] == 0.5
 
 
+def test_reference_editing_from_the_command_line(models, tokenizer_dir, tmp_path):
+    sample_picture(96, 64).save(tmp_path / "ref.png")
+    r = run(["generate", "--models", models, "--tokenizer", tokenizer_dir, "--dtype", "fp32", "-p", "make it winter",
+             "--reference", str(tmp_path / "ref.png"), "-o", str(tmp_path / "edit.png")])
+    assert r.returncode == 0, r.stderr
+    assert pixels(tmp_path / "edit.png").shape == (64, 96, 3)  # the reference's size
+
+
 def test_missing_weights_say_what_to_download(tmp_path):
     r = run(["generate", "--models", str(tmp_path), "-p", "x"])
     assert r.returncode == 2

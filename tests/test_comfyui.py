@@ -15,7 +15,7 @@ if COMFY is None:
                 allow_module_level=True)
 
 OUR_NODES = {"ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageTextEncode", "ZImageSampler", "ZImageEmptyLatent",
-             "ZImageImageToLatent", "ZImageLoraLoader"}
+             "ZImageImageToLatent", "ZImageLoraLoader", "ZImageEditEncode"}
 WORKFLOW_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "example_workflows")) if f.endswith(".json"))
 
 

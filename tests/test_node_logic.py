@@ -150,3 +150,18 @@ def test_resolutions_and_presets():
     assert graph.resolve_preset("custom", 30, 7.0, 9.0) == (30, 7.0, 9.0)
     with pytest.raises(zc.ZImageError, match="width 100 is not a positive multiple of 16"):
         graph.empty_latent(100, 64, 1)
+
+
+def test_edit_conditioning_round_trip(model):
+    """Our edit conditioning (ComfyUI's native Omni keys) reaches the sampler as the reference's segments and latents."""
+    seg = caps(7, 4, 3, 9)  # head, tail, prompt segment
+    raw = [torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(8))]
+    cond = graph.omni_conditioning(seg[2], [seg[0], seg[1]], raw, None)
+    entry = graph.entries_from_conditioning(cond)[0]
+    assert [c.shape[0] for c in entry.captions[0]] == [4, 9, 3]  # head, prompt, tail
+    out = graph.sample_latent(model, cond, None, graph.empty_latent(64, 48, 1), settings(steps=2))
+    ref = zc.sample(model, zc.comfy_noise((1, 16, 6, 8), 3),
+                    [zc.sampler.CondEntry([[seg[0], seg[2], seg[1]]], refs=[[zc.to_model_space(raw[0])[0]]])], sigmas=zc.sigmas(2))
+    assert torch.equal(out["samples"], zc.from_model_space(ref))
+    with pytest.raises(zc.ZImageError, match="1 reference images but 1 extra caption segments"):
+        graph.entries_from_conditioning([[seg[2][None], {"reference_latents": raw, "reference_latents_text_embeds": [seg[0][None]]}]])

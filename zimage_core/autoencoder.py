@@ -164,7 +164,7 @@ class AutoEncoder(nn.Module):
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int | None = None) -> torch.Tensor:
         """Images in [0, 1] (B×3×H×W) → raw latents: the posterior mean (as ComfyUI encodes), or a sample
         drawn with ``generator`` (as diffusers' retrieve_latents). ``tile`` (pixels) runs it exactly, tile by tile."""
-        x = images.to(self.device, self.compute_dtype) * 2.0 - 1.0
+        x = (images.to(self.device, torch.float32) * 2.0 - 1.0).to(self.compute_dtype)
         if tile and max(x.shape[-2:]) > tile:
             from .vae_tiling import encode_moments_tiled
 

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--init-image", help="image for image-to-image / inpainting")
     g.add_argument("--strength", type=float, default=0.6, help="image-to-image strength (with --init-image)")
     g.add_argument("--mask", help="inpainting mask, white = regenerate (with --init-image)")
+    g.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                   help="reference image for instruction editing (Omni/Edit scheme; up to 3; target size = the last one's)")
     g.add_argument("--output", "-o", default="zimage.png", help="PNG path; a batch gets _00001… suffixes")
     g.add_argument("--models", help="a ComfyUI models/ folder (diffusion_models, text_encoders, vae)")
     g.add_argument("--hf", help="an HF-layout Z-Image folder (transformer/, text_encoder/, tokenizer/, vae/)")
@@ -85,6 +87,11 @@ def generate(a) -> list[str]:
     paths = find_weights(a.models or (None if (a.hf or a.transformer) else _default_models_dir()), a.hf,
                          a.transformer, a.text_encoder, a.vae, a.tokenizer)
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
+    refs = [Image.open(p).convert("RGB") for p in a.reference]
+    if refs and a.width is None and a.height is None:
+        from .omni import prepare_reference_image
+
+        a.width, a.height = prepare_reference_image(refs[-1]).size
     mask = Image.open(a.mask) if a.mask else None
     width, height = a.width, a.height
     if init is not None and width is None and height is None:
@@ -118,7 +125,7 @@ def generate(a) -> list[str]:
         bar.total = st.total
         bar.update(1)
 
-    images, _ = pipe(settings, init_image=init, mask=mask, callback=on_step, vae_tile=a.vae_tile)
+    images, _ = pipe(settings, init_image=init, mask=mask, callback=on_step, vae_tile=a.vae_tile, reference_images=refs or None)
     bar.close()
     resolved = settings.resolved()
     out = []
@@ -127,7 +134,7 @@ def generate(a) -> list[str]:
     for k, im in enumerate(images):
         path = a.output if len(images) == 1 else f"{stem}_{k + 1:05d}{ext or '.png'}"
         extra = {"batch_index": k, "transformer": paths.transformer, "text_encoder": paths.text_encoder, "vae": paths.vae,
-                 "init_image": a.init_image, "mask": a.mask, "lora": a.lora, "dtype": a.dtype}
+                 "init_image": a.init_image, "mask": a.mask, "references": a.reference, "lora": a.lora, "dtype": a.dtype}
         im.save(path, pnginfo=_png_info(resolved, extra))
         out.append(path)
     print(f"wrote {', '.join(out)} ({time.perf_counter() - t0 - load_s:.1f} s sampling, {load_s:.1f} s loading)")

@@ -272,11 +272,11 @@ class LoraPatcher:
                 w = lin.weight
                 merged = w.detach().float().clone()
                 for d, s in items:
-                    m = d.matrix().to(merged.device)
-                    if d.rows:
-                        merged[d.rows[0]:d.rows[1]] += s * m
+                    rows = merged[d.rows[0]:d.rows[1]] if d.rows else merged
+                    if d.kind == "lora":  # one fused multiply-add, no full-size temporary
+                        rows.addmm_(d.up.float().to(merged.device), d.down.float().to(merged.device), alpha=s * d.scale)
                     else:
-                        merged += s * m
+                        rows.add_(d.matrix().to(merged.device), alpha=s)
                 self.backup[name] = w
                 lin.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
         self.active = key

@@ -17,7 +17,8 @@ from PIL import Image
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
 from .errors import ZImageError
 from .noise import comfy_noise
-from .sampler import Step, sample
+from .omni import pil_to_tensor, prepare_reference_image, prompt_segments
+from .sampler import CondEntry, Step, sample
 from .schedule import PRESETS, sigmas, start_index
 from .text_encoder import load_text_encoder
 from .transformer_files import load_transformer
@@ -178,9 +179,30 @@ class ZImagePipeline:
                               f"{self.transformer.cfg.cap_feat_dim}-d; pair the model with its own text encoder (Qwen3-4B).")
         return caps
 
+    def encode_references(self, images: list, vae_tile: int | None = None) -> list[torch.Tensor]:
+        """Reference images → model-space latents (16×h×w), prepared as the Omni reference does."""
+        out = []
+        with self.vae_on_device():
+            for im in images:
+                pil = im if isinstance(im, Image.Image) else to_pil(image_to_tensor(im)[0])
+                x = pil_to_tensor(prepare_reference_image(pil))
+                out.append(to_model_space(self.autoencoder.encode(x, tile=vae_tile))[0].cpu())
+        return out
+
+    def omni_condition(self, prompt: str, refs: list[torch.Tensor], siglip: list | None) -> CondEntry:
+        """Caption segments around the vision markers + reference latents (+ SigLIP features) as one entry."""
+        with self.on_device(self.text_encoder):
+            segments = [c.cpu() for c in self.text_encoder.encode(prompt_segments(prompt, len(refs)), template="{}")]
+        if siglip is not None and len(siglip) != len(refs):
+            raise ZImageError(f"{len(siglip)} SigLIP feature maps for {len(refs)} reference images; give one per image.")
+        return CondEntry([segments], refs=[refs], siglip=None if siglip is None else [list(siglip) + [None]])
+
     def __call__(self, settings: GenerationSettings, init_image=None, mask=None,
                  callback: Callable[[Step], None] | None = None, cancel: Callable[[], bool] | None = None,
-                 vae_tile: int | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+                 vae_tile: int | None = None, reference_images: list | None = None,
+                 siglip_features: list[torch.Tensor] | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+        """Text-to-image; with ``init_image`` (and ``mask``) image-to-image (inpainting); with ``reference_images``
+        (up to 3, plus optional SigLIP2 features per image) instruction editing in the Omni scheme."""
         s = settings.resolved()
         init = None
         if init_image is not None:
@@ -211,8 +233,17 @@ class ZImagePipeline:
                 log.warning("strength %.2f ignored: it applies only to image-to-image.", s.strength)
             sig = full
         use_cfg = s.cfg > 1.0
-        pos = self.encode_prompts([s.prompt])
-        neg = self.encode_prompts([s.negative_prompt]) if use_cfg else None
+        if reference_images:
+            if len(reference_images) > 3:
+                raise ZImageError(f"{len(reference_images)} reference images; Z-Image's edit template takes at most 3.")
+            refs = self.encode_references(reference_images, vae_tile)
+            pos = [self.omni_condition(s.prompt, refs, siglip_features)]
+            neg = [self.omni_condition(s.negative_prompt, refs, siglip_features)] if use_cfg else None
+        elif siglip_features is not None:
+            raise ZImageError("SigLIP features need reference images.")
+        else:
+            pos = self.encode_prompts([s.prompt])
+            neg = self.encode_prompts([s.negative_prompt]) if use_cfg else None
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
         with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,

@@ -37,10 +37,12 @@ class CondEntry:
     """One conditioning entry: captions (one per batch item, or one for all), a weight, and the part of the
     schedule where it is active, in ComfyUI's percent convention (0 = start, 1 = end, unshifted time)."""
 
-    captions: list[torch.Tensor]
+    captions: list  # per latent: a caption tensor, or (Omni) a list of caption segments
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    refs: list | None = None  # Omni: per latent, a list of reference latents (model space, C×h×w)
+    siglip: list | None = None  # Omni: per latent, a list of SigLIP H×W×C features (None per slot allowed), or None
 
     def active(self, sigma: float, shift: float) -> bool:
         def percent_to_sigma(p: float) -> float:  # as ComfyUI's ModelSamplingDiscreteFlow
@@ -57,15 +59,23 @@ def _entries(cond, n: int, dev, what: str) -> list[CondEntry]:
     entries = [c if isinstance(c, CondEntry) else None for c in cond]
     if not all(entries):  # a plain list of caption tensors: one entry
         entries = [CondEntry(list(cond))]
-    out = []
-    for e in entries:
-        caps = e.captions
-        if len(caps) == 1:
-            caps = caps * n
-        elif len(caps) != n:
-            raise ZImageError(f"{len(caps)} {what} for a batch of {n} latents; give one, or one per latent.")
-        out.append(CondEntry([c.to(dev) for c in caps], e.weight, e.start, e.end))
-    return out
+    def per_latent(items, name):
+        if items is None:
+            return None
+        if len(items) == 1:
+            return list(items) * n
+        if len(items) != n:
+            raise ZImageError(f"{len(items)} {name} for a batch of {n} latents; give one, or one per latent.")
+        return list(items)
+
+    def to_dev(v):
+        if v is None:
+            return None
+        return [to_dev(a) for a in v] if isinstance(v, (list, tuple)) else v.to(dev)
+
+    return [CondEntry(to_dev(per_latent(e.captions, what)), e.weight, e.start, e.end,
+                      to_dev(per_latent(e.refs, "reference sets")), to_dev(per_latent(e.siglip, "SigLIP sets")))
+            for e in entries]
 
 
 def _active(entries: list[CondEntry] | None, sigma: float, shift: float) -> list[CondEntry]:
@@ -75,12 +85,29 @@ def _active(entries: list[CondEntry] | None, sigma: float, shift: float) -> list
     return now or entries  # a gap between timestep ranges: use every entry rather than predict nothing
 
 
+def _forward(model, x, t, e: CondEntry) -> torch.Tensor:
+    """One model call; with reference latents the target joins them as the last (noisy) image (Omni mode)."""
+    if e.refs is None:
+        return model(x, t, e.captions)
+    xs = [list(r) + [xi] for r, xi in zip(e.refs, x.unbind(0))]
+    mask = [[0] * len(r) + [1] for r in e.refs]
+    return torch.stack(model(xs, t, e.captions, siglip=e.siglip, image_noise_mask=mask))
+
+
+def _joint(a: CondEntry, b: CondEntry) -> CondEntry | None:
+    """Two entries as one batch (the conditional and unconditional CFG passes together), when compatible."""
+    if (a.refs is None) != (b.refs is None) or (a.siglip is None) != (b.siglip is None):
+        return None
+    cat = lambda u, v: None if u is None else u + v  # noqa: E731
+    return CondEntry(a.captions + b.captions, refs=cat(a.refs, b.refs), siglip=cat(a.siglip, b.siglip))
+
+
 def _predict(model, x, t, entries: list[CondEntry]) -> torch.Tensor:
     """The model's prediction, averaged over several active entries by weight (as ComfyUI combines conds)."""
     if len(entries) == 1:
-        return model(x, t, entries[0].captions).float()
+        return _forward(model, x, t, entries[0]).float()
     total = sum(e.weight for e in entries)
-    return sum(model(x, t, e.captions).float() * (e.weight / total) for e in entries)
+    return sum(_forward(model, x, t, e).float() * (e.weight / total) for e in entries)
 
 
 def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) -> torch.Tensor:
@@ -138,7 +165,7 @@ def sample(
         if negative is None:
             raise ZImageError(f"cfg {cfg} needs a negative conditioning (an empty prompt is the usual choice).")
         neg_entries = _entries(negative, b, dev, "negative prompts")
-        if len(pos_entries) == len(neg_entries) == 1 and all(
+        if len(pos_entries) == len(neg_entries) == 1 and pos_entries[0].refs is None and neg_entries[0].refs is None and all(
             p.shape == q.shape and torch.equal(p, q) for p, q in zip(pos_entries[0].captions, neg_entries[0].captions)
         ):
             log.warning("The prompt and the negative prompt are identical, so CFG %.2f changes nothing; "
@@ -176,9 +203,10 @@ def sample(
             pos_now = _active(pos_entries, float(s), shift)
             neg_now = _active(neg_entries, float(s), shift) if guided else None
             with torch.inference_mode():
-                if guided and batch_cfg and len(pos_now) == len(neg_now) == 1:
+                joint = _joint(pos_now[0], neg_now[0]) if guided and len(pos_now) == len(neg_now) == 1 else None
+                if joint is not None and batch_cfg:
                     try:
-                        out = model(torch.cat([xin, xin]), torch.cat([t, t]), pos_now[0].captions + neg_now[0].captions)
+                        out = _forward(model, torch.cat([xin, xin]), torch.cat([t, t]), joint)
                         pred = guide(out[:b], out[b:], g, cfg_normalization)
                     except torch.OutOfMemoryError:
                         log.warning("Out of memory with the CFG passes batched; running them one after another.")

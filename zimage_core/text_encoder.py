@@ -24,7 +24,7 @@ from .layers import Embedding, Linear, RMSNorm
 from .loader import Source, fill_module
 from .quant import layer_formats, scale_key
 from .safetensors_io import open_weights
-from .tokenizer import PAD_ID, PromptTokenizer, find_tokenizer_dir
+from .tokenizer import PAD_ID, TEMPLATE, PromptTokenizer, find_tokenizer_dir
 
 QWEN3_SIZES = {1024: "Qwen3-0.6B", 2048: "Qwen3-1.7B", 2560: "Qwen3-4B", 4096: "Qwen3-8B", 5120: "Qwen3-14B/32B"}
 Z_IMAGE_HIDDEN = 2560
@@ -141,12 +141,13 @@ class Qwen3PromptEncoder(nn.Module):
         return h
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str] | str) -> list[torch.Tensor]:
+    def encode(self, prompts: list[str] | str, template: str = TEMPLATE) -> list[torch.Tensor]:
+        """Features per prompt; ``template="{}"`` encodes the strings as they are (Omni caption segments)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if self.tokenizer is None:
             raise ZImageError("This text encoder has no tokenizer; load it with load_text_encoder(..., tokenizer=PATH).")
-        ids, _ = self.tokenizer(list(prompts))
+        ids, _ = self.tokenizer(list(prompts), template)
         n = max(len(i) for i in ids)
         batch = torch.full((len(ids), n), PAD_ID, dtype=torch.long)
         for r, i in enumerate(ids):

@@ -126,11 +126,11 @@ class PromptTokenizer:
     def ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def __call__(self, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids per prompt and how many tokens each lost to the limit."""
+    def __call__(self, prompts: list[str], template: str = TEMPLATE) -> tuple[list[list[int]], list[int]]:
+        """Token ids per prompt (inside ``template``) and how many tokens each lost to the limit."""
         out, dropped = [], []
         for p in prompts:
-            ids = self.ids(TEMPLATE.format(p))
+            ids = self.ids(template.format(p) if template != "{}" else p)
             cut = max(0, len(ids) - self.max_tokens)
             if cut:
                 log.warning(

@@ -135,11 +135,14 @@ class Block(nn.Module):
         if modulated:
             self.adaLN_modulation = nn.ModuleList([Linear(cfg.adaln_dim, 4 * d, device=device)])
 
-    def modulation(self, temb: torch.Tensor):
-        """temb B×256 (or B×S×256 for per-token time) → (scale_msa, gate_msa, scale_mlp, gate_mlp), broadcastable."""
-        mod = self.adaLN_modulation[0](temb)
-        if mod.ndim == 2:
-            mod = mod[:, None]
+    def modulation(self, temb):
+        """temb B×256 → (scale_msa, gate_msa, scale_mlp, gate_mlp), B×1×dim. Per-token time (Omni) comes as
+        (t_noisy, t_clean, noisy B×S): both modulations are computed and picked per token."""
+        if isinstance(temb, tuple):
+            noisy, clean, mask = temb
+            m = mask[..., None]
+            return tuple(torch.where(m, a, b) for a, b in zip(self.modulation(noisy), self.modulation(clean)))
+        mod = self.adaLN_modulation[0](temb)[:, None]
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
         return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
@@ -175,9 +178,11 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(cfg.adaln_dim, cfg.dim, device=device))
 
     def forward(self, x, temb):
-        scale = 1.0 + self.adaLN_modulation(temb)
-        if scale.ndim == 2:
-            scale = scale[:, None]
+        if isinstance(temb, tuple):  # per-token time (Omni): pick the noisy or clean scale per token
+            noisy, clean, mask = temb
+            scale = torch.where(mask[..., None], 1.0 + self.adaLN_modulation(noisy)[:, None], 1.0 + self.adaLN_modulation(clean)[:, None])
+        else:
+            scale = 1.0 + self.adaLN_modulation(temb)[:, None]
         return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
 
 
@@ -303,7 +308,9 @@ class ZImageTransformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, t, captions, **omni):
-        if omni:
+        """Basic mode as documented above; with nested lists (per sample: reference latents…, target) and
+        caption segments it runs the Omni/Edit mode (see omni.py)."""
+        if omni or (isinstance(x, (list, tuple)) and isinstance(x[0], (list, tuple))):
             from .omni import omni_forward
 
             return omni_forward(self, x, t, captions, **omni)
