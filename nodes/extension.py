@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import routes  # noqa: F401  (registers the frontend's server routes)
 from .conditioning import ZImageTextEncode
 from .edit import ZImageEditEncode
 from .latents import ZImageEmptyLatent, ZImageImageToLatent

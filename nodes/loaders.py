@@ -74,7 +74,7 @@ class ZImageModelLoader(io.ComfyNode):
                                tooltip="auto: keep as many blocks on the GPU as ComfyUI's free VRAM allows, stream the rest. "
                                        "budget: use at most vram_budget_gb. resident: everything on the GPU. "
                                        "min_vram: stream every block (slowest, smallest)."),
-                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=256.0, step=0.5,
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=256.0, step=0.25, round=0.01,
                                tooltip="With offload=budget: GB of VRAM for weights and activations (e.g. 8 on a 12 GB card "
                                        "to leave room). 0 = use what ComfyUI offers."),
                 io.Int.Input("prefetch", default=2, min=1, max=8, advanced=True,

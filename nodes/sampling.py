@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
@@ -12,6 +14,7 @@ import zimage_core as zc
 from zimage_core.offload import activation_bytes
 
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, latent_samples, resolve_preset, sample_latent
+from .routes import confirmed_plan
 from .types import ZImageModel
 
 
@@ -87,7 +90,9 @@ class ZImageSampler(io.ComfyNode):
             pbar.update_absolute(st.index + 1, st.total, preview)
             _send("zimage.progress", {"node": node, **timer.tick(st.index + 1, st.total)})
 
-        _send("zimage.plan", {"node": node, **(model.patcher.last_plan.summary() if model.patcher.last_plan else {})})
+        plan = confirmed_plan(model.patcher)
+        _send("zimage.plan", {"node": node, "model": os.path.basename(model.path.rstrip("/")), "plan": plan,
+                              "device": str(model.patcher.load_device)})
         try:
             out = sample_latent(dit, positive, negative, latent_image, settings, callback=on_step,
                                 cancel=mm.processing_interrupted)

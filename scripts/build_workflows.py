@@ -70,8 +70,8 @@ class Graph:
 def base_graph(model: str, note: str, negative: bool):
     g = Graph()
     g.node("MarkdownNote", (20, 20), [note], size=(520, 360), title="Read me: files and settings")
-    m = g.node("ZImageModelLoader", (20, 420), [model, "auto", "auto", "auto", 0.0, 2], size=(340, 190))
-    te = g.node("ZImageTextEncoderLoader", (20, 650), ["qwen_3_4b.safetensors", "auto", "auto"], size=(340, 110))
+    m = g.node("ZImageModelLoader", (20, 420), [model, "auto", "auto", "auto", 0.0, 2], size=(340, 270))
+    te = g.node("ZImageTextEncoderLoader", (20, 730), ["qwen_3_4b.safetensors", "auto", "auto"], size=(340, 110))
     return g, m, te
 
 
@@ -83,7 +83,7 @@ NEG = "blurry, low quality, oversaturated, deformed, text, watermark"
 def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link="", loras=()):
     g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips), negative)
     for i, (lora, strength) in enumerate(loras):
-        nxt = g.node("ZImageLoraLoader", (20, 800 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
+        nxt = g.node("ZImageLoraLoader", (20, 880 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
                      inputs=[("model", "ZIMAGE_MODEL")])
         g.link(m, 0, nxt, "model")
         m = nxt
@@ -95,7 +95,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_l
         neg = g.node("ZImageTextEncode", (400, 660), [NEG], size=(420, 140), title="Negative prompt",
                      inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#322", "#533"))
         g.link(te, 0, neg, "text_encoder")
-    lat = g.node("ZImageEmptyLatent", (400, 840), ["1:1 (1024×1024)", 1024, 1024, 1], size=(320, 130))
+    lat = g.node("ZImageEmptyLatent", (400, 840), ["1:1 (1024×1024)", 1024, 1024, 1], size=(320, 170))
     sampler_inputs = [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
     if negative:
         sampler_inputs.append(("negative", "CONDITIONING"))
@@ -106,7 +106,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_l
     g.link(lat, 0, s, "latent_image")
     if neg:
         g.link(neg, 0, s, "negative")
-    vae = g.node("VAELoader", (860, 800), ["ae.safetensors"], size=(320, 60))
+    vae = g.node("VAELoader", (400, 1050), ["ae.safetensors"], size=(320, 60))
     dec = g.node("VAEDecode", (1220, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
     g.link(s, 0, dec, "samples")
     g.link(vae, 0, dec, "vae")
@@ -149,7 +149,7 @@ def reference_edit(name, title, images, prompt, tips):
     g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
     loads = [g.node("LoadImage", (400, 420 + 400 * i), [im, "image"], size=(320, 360), title=f"Reference {i + 1}")
              for i, im in enumerate(images)]
-    vae = g.node("VAELoader", (760, 820), ["ae.safetensors"], size=(320, 60))
+    vae = g.node("VAELoader", (760, 820), ["ae.safetensors"], size=(420, 60))
     ins = [("text_encoder", "ZIMAGE_TEXT_ENCODER"), ("vae", "VAE")] + [(f"image{i + 1}", "IMAGE") for i in range(len(images))]
     enc = g.node("ZImageEditEncode", (760, 420), [prompt, "", True], size=(420, 340), inputs=ins, color=("#232", "#353"))
     g.link(te, 0, enc, "text_encoder")

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from comfy_harness import ComfyServer, comfyui_commit, comfyui_path, comfyui_python, load_workflow, populate, to_api
+from comfy_harness import comfyui_path, comfyui_python, load_workflow, to_api
 
 pytestmark = pytest.mark.comfyui
 COMFY = comfyui_path()
@@ -20,13 +20,8 @@ WORKFLOW_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__fil
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("comfy_base"))
-    populate(base)
-    srv = ComfyServer(COMFY, comfyui_python(COMFY), base)
-    print(f"ComfyUI {comfyui_commit(COMFY)} on {srv.url}")
-    yield srv
-    srv.stop()
+def server(comfy_server):
+    return comfy_server
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,11 @@ class OffloadPlan:
     def summary(self) -> dict:
         return {
             "mode": self.mode, "device": str(self.device),
-            "budget_gb": None if self.budget is None else round(self.budget / GB, 2),
-            "resident_gb": round((self.fixed_bytes + self.resident_bytes) / GB, 2),
-            "streamed_gb_per_step": round(self.streamed_bytes / GB, 2),
+            "budget_gb": None if self.budget is None else round(self.budget / GB, 4),
+            "resident_gb": round((self.fixed_bytes + self.resident_bytes) / GB, 4),
+            "streamed_gb_per_step": round(self.streamed_bytes / GB, 4),
             "resident_blocks": len(self.resident), "streamed_blocks": len(self.streamed),
-            "activations_gb": round(self.activation_bytes / GB, 2), "peak_gb": round(self.peak_bytes / GB, 2),
+            "activations_gb": round(self.activation_bytes / GB, 4), "peak_gb": round(self.peak_bytes / GB, 4),
             "prefetch": self.prefetch,
         }
 

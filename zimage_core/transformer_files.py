@@ -146,3 +146,28 @@ def load_transformer(
     model.set_attention_backend(resolve_backend(attention_backend))
     model.source_path, model.source_layout = files.path, layout
     return model.eval()
+
+
+def meta_transformer(path: str, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None) -> ZImageTransformer:
+    """The model a file would load into, on the meta device, from its header alone (no weights read):
+    parameters carry the dtypes loading would give them, so offload plans can be computed up front."""
+    from .loader import storage_dtype_for
+
+    files = open_weights(path, subfolder="transformer")
+    kind = describe(files.keys(), files.shape)
+    if not kind.startswith("Z-Image"):
+        raise ZImageError(f"{files.path} looks like a {kind}, not a Z-Image transformer.")
+    plan, _, _ = transformer_plan(files)
+    cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
+    compute = dtype or default_compute_dtype(files, plan)
+    with torch.device("meta"):
+        model = ZImageTransformer(cfg, dtype=compute)
+    stored = {name for name, m in model.named_modules() if hasattr(m, "weight_scale")}
+    for name, p in list(model.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        src = files.dtype(plan[name].keys[0]) if name in plan else compute
+        target = storage_dtype_for(src, compute, storage_dtype) if owner_name in stored and leaf == "weight" else compute
+        setattr(owner, leaf, torch.nn.Parameter(torch.empty(p.shape, dtype=target, device="meta"), requires_grad=False))
+    model.source_path = files.path
+    return model

@@ -1,0 +1,78 @@
+"""Server routes for the frontend extension: presets and resolutions, and the offload plan of a model file
+computed from its header (no weights loaded)."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management as mm
+from aiohttp import web
+from server import PromptServer
+
+import zimage_core as zc
+from zimage_core.offload import GB, activation_bytes, plan_offload
+from zimage_core.transformer_files import meta_transformer
+
+from .graph import MAX_SIDE, MIN_SIDE, RESOLUTIONS
+from .loaders import _split_dtype, resolve
+from .memory import ZImagePatcher
+
+log = logging.getLogger("zimage")
+routes = PromptServer.instance.routes
+
+
+@routes.get("/zimage/info")
+async def info(request):
+    return web.json_response({
+        "presets": {k: {"steps": p.steps, "cfg": p.cfg, "shift": p.shift} for k, p in zc.PRESETS.items()},
+        "resolutions": {k: list(v) for k, v in RESOLUTIONS.items()},
+        "min_side": MIN_SIDE, "max_side": MAX_SIDE,
+    })
+
+
+def size(gb: float) -> str:
+    return f"{gb:.2f} GB" if gb >= 0.995 else f"{gb * 1024:.1f} MB"
+
+
+def plan_text(s: dict) -> str:
+    return (f"{size(s['resident_gb'])} resident ({s['resident_blocks']} blocks) · {size(s['streamed_gb_per_step'])} "
+            f"streamed per step ({s['streamed_blocks']} blocks) · peak ≈ {size(s['peak_gb'])}")
+
+
+@routes.post("/zimage/plan")
+async def plan(request):
+    """{model_name, weight_dtype, offload, vram_budget_gb, width, height} → the plan the loader would make."""
+    try:
+        body = await request.json()
+        path = resolve("diffusion_models", body["model_name"])
+        dev = mm.get_torch_device()
+        dtype, storage = _split_dtype(body.get("weight_dtype", "auto"), dev)
+        model = meta_transformer(path, dtype, storage)
+        acts = activation_bytes(model, int(body.get("width", 1024)), int(body.get("height", 1024)))
+        mode, budget = body.get("offload", "auto"), float(body.get("vram_budget_gb") or 0)
+        if mode == "budget" and budget > 0:
+            p = plan_offload(model, mode="budget", budget=int(budget * GB), activations=acts, device="cpu")
+        elif mode in ("resident", "min_vram"):
+            p = plan_offload(model, mode=mode, activations=acts, device="cpu")
+        elif mm.is_device_cpu(dev):
+            p = plan_offload(model, mode="resident", activations=acts, device="cpu")
+            p.notes.append("CPU: weights stay in system memory")
+        else:
+            free = mm.get_total_memory(dev) - mm.extra_reserved_memory()
+            p = plan_offload(model, mode="auto", free_bytes=int(free), activations=acts, device="cpu")
+        s = p.summary()
+        model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+        return web.json_response({"ok": True, "plan": s, "text": plan_text(s), "notes": p.notes,
+                                  "model_size": size(model_bytes / GB)})
+    except zc.ZImageError as e:
+        return web.json_response({"ok": False, "error": str(e)})
+    except Exception as e:  # the extension shows the reason instead of failing
+        log.warning("Z-Image plan route: %s", e)
+        return web.json_response({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+def confirmed_plan(patcher: ZImagePatcher) -> dict | None:
+    if patcher.last_plan is None:
+        return None
+    s = patcher.last_plan.summary()
+    return {**s, "text": plan_text(s)}
