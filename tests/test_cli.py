@@ -88,3 +88,24 @@ def test_bad_size_is_a_clear_error(models, tokenizer_dir, tmp_path):
 def test_info(models):
     r = run(["info", os.path.join(models, "diffusion_models", "z_image_turbo_bf16.safetensors")])
     assert r.returncode == 0 and "Z-Image transformer" in r.stdout and "layout: comfyui" in r.stdout
+
+
+def test_lora_option(models, tokenizer_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for i in range(2):
+        k = f"diffusion_model.layers.{i}.attention.to_q"
+        lora[k + ".lora_A.weight"], lora[k + ".lora_B.weight"] = torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g)
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    args = ["generate", "--models", models, "--tokenizer", tokenizer_dir, "--dtype", "fp32", "-p", "x", "--width", "64",
+            "--height", "48", "--seed", "3"]
+    assert run(args + ["-o", str(tmp_path / "plain.png")]).returncode == 0
+    r = run(args + ["--lora", f"{tmp_path / 'l.safetensors'}:0.9", "-o", str(tmp_path / "lora.png")])
+    assert r.returncode == 0, r.stderr
+    assert np.abs(pixels(tmp_path / "lora.png") - pixels(tmp_path / "plain.png")).mean() > 0.5
+    assert json.loads(Image.open(tmp_path / "lora.png").info["zimage"])["lora"] == [f"{tmp_path / 'l.safetensors'}:0.9"]
+    bad = run(args + ["--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.png")])
+    assert bad.returncode == 2 and "missing.safetensors: file not found" in bad.stderr

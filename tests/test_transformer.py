@@ -203,3 +203,18 @@ def test_fp8_storage_on_load_quantises_per_tensor(refs, comfy_file):
     x, t, caps = inputs(8, [(8, 8)], [10])
     with torch.no_grad():
         assert rel_err(q(x, t, caps)[0], full(x, t, caps)[0]) < 0.1
+
+
+def test_fp16_file(refs, tmp_path):
+    """fp16 storage: computes in fp16 by default (NaN-checked by the sampler), or in fp32 from the same fp16 weights."""
+    path = save_comfyui(refs[0], str(tmp_path / "fp16.safetensors"), dtype=torch.float16)
+    half = zc.load_transformer(path)
+    assert half.compute_dtype == torch.float16 and half.layers[0].attention.qkv.weight.dtype == torch.float16
+    full = zc.load_transformer(path, dtype=torch.float32)
+    assert full.layers[0].attention.qkv.weight.dtype == torch.float16  # kept at storage precision
+    ref = diffusers_transformer(seed=1)
+    ref.load_state_dict({k: v.to(torch.float16).float() for k, v in ref.state_dict().items()})
+    x, t, caps = inputs(9, [(8, 8)], [6])
+    with torch.no_grad():
+        assert rel_err(full(x, t, caps)[0], reference(ref, x, t, caps, torch.float32)[0]) < FP32_TOL
+        assert rel_err(half(x, t, caps)[0].float(), reference(ref, x, t, caps, torch.float32)[0]) < 5e-3
