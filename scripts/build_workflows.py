@@ -67,6 +67,24 @@ class Graph:
             f.write("\n")
 
 
+def finish(g: Graph, name: str, title: str, x: int, model: int, positive, latent, vae: int, values: list, negative=None):
+    """Sampler → VAE Decode → Save Image at column ``x``; ``positive``/``latent``/``negative`` are (node, slot)."""
+    ins = [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
+    ins += [("negative", "CONDITIONING")] if negative else []
+    s = g.node("ZImageSampler", (x, 420), values, size=(320, 330), inputs=ins)
+    g.link(model, 0, s, "model")
+    g.link(*positive, s, "positive")
+    g.link(*latent, s, "latent_image")
+    if negative:
+        g.link(*negative, s, "negative")
+    dec = g.node("VAEDecode", (x + 360, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
+    g.link(s, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    save = g.node("SaveImage", (x + 360, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
+    g.link(dec, 0, save, "images")
+    g.dump(name, title)
+
+
 def base_graph(model: str, note: str, negative: bool):
     g = Graph()
     g.node("MarkdownNote", (20, 20), [note], size=(520, 360), title="Read me: files and settings")
@@ -96,23 +114,9 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_l
                      inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#322", "#533"))
         g.link(te, 0, neg, "text_encoder")
     lat = g.node("ZImageEmptyLatent", (400, 840), ["1:1 (1024×1024)", 1024, 1024, 1], size=(320, 170))
-    sampler_inputs = [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
-    if negative:
-        sampler_inputs.append(("negative", "CONDITIONING"))
-    s = g.node("ZImageSampler", (860, 420), [42, "randomize", preset, steps, cfg, 3.0, 1.0, 0.0, 1.0], size=(320, 330),
-               inputs=sampler_inputs)
-    g.link(m, 0, s, "model")
-    g.link(pos, 0, s, "positive")
-    g.link(lat, 0, s, "latent_image")
-    if neg:
-        g.link(neg, 0, s, "negative")
     vae = g.node("VAELoader", (400, 1050), ["ae.safetensors"], size=(320, 60))
-    dec = g.node("VAEDecode", (1220, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
-    g.link(s, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae")
-    save = g.node("SaveImage", (1220, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
-    g.link(dec, 0, save, "images")
-    g.dump(name, title)
+    finish(g, name, title, 860, m, (pos, 0), (lat, 0), vae, [42, "randomize", preset, steps, cfg, 3.0, 1.0, 0.0, 1.0],
+           (neg, 0) if neg else None)
 
 
 def edit(name, title, image, with_mask, denoise, tips):
@@ -131,17 +135,7 @@ def edit(name, title, image, with_mask, denoise, tips):
     pos = g.node("ZImageTextEncode", (760, 620), [prompt], size=(420, 160), title="Prompt",
                  inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
     g.link(te, 0, pos, "text_encoder")
-    s = g.node("ZImageSampler", (1220, 420), [7, "randomize", "turbo", 8, 1.0, 3.0, denoise, 0.0, 1.0], size=(320, 330),
-               inputs=[("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")])
-    g.link(m, 0, s, "model")
-    g.link(pos, 0, s, "positive")
-    g.link(enc, 0, s, "latent_image")
-    dec = g.node("VAEDecode", (1580, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
-    g.link(s, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae")
-    save = g.node("SaveImage", (1580, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
-    g.link(dec, 0, save, "images")
-    g.dump(name, title)
+    finish(g, name, title, 1220, m, (pos, 0), (enc, 0), vae, [7, "randomize", "turbo", 8, 1.0, 3.0, denoise, 0.0, 1.0])
 
 
 def reference_edit(name, title, images, prompt, tips):
@@ -156,19 +150,7 @@ def reference_edit(name, title, images, prompt, tips):
     g.link(vae, 0, enc, "vae")
     for i, ld in enumerate(loads):
         g.link(ld, 0, enc, f"image{i + 1}")
-    s = g.node("ZImageSampler", (1220, 420), [5, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0], size=(320, 330),
-               inputs=[("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
-                       ("negative", "CONDITIONING")])
-    g.link(m, 0, s, "model")
-    g.link(enc, 0, s, "positive")
-    g.link(enc, 2, s, "latent_image")
-    g.link(enc, 1, s, "negative")
-    dec = g.node("VAEDecode", (1580, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
-    g.link(s, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae")
-    save = g.node("SaveImage", (1580, 520), [f"z-image/{name}"], size=(420, 460), inputs=[("images", "IMAGE")])
-    g.link(dec, 0, save, "images")
-    g.dump(name, title)
+    finish(g, name, title, 1220, m, (enc, 0), (enc, 2), vae, [5, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0], (enc, 1))
 
 
 def main():
