@@ -151,16 +151,13 @@ class Ledger:
     def __init__(self):
         self.now = 0
         self.peak = 0
-        self.events: list[tuple[str, int]] = []
 
     def add(self, n: int, what: str = ""):
         self.now += n
         self.peak = max(self.peak, self.now)
-        self.events.append((what, self.now))
 
     def sub(self, n: int, what: str = ""):
         self.now -= n
-        self.events.append((what, self.now))
 
 
 def _slots(module: nn.Module, recurse: bool = True):

@@ -130,7 +130,7 @@ class PromptTokenizer:
         """Token ids per prompt (inside ``template``) and how many tokens each lost to the limit."""
         out, dropped = [], []
         for p in prompts:
-            ids = self.ids(template.format(p) if template != "{}" else p)
+            ids = self.ids(template.format(p))
             cut = max(0, len(ids) - self.max_tokens)
             if cut:
                 log.warning(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,6 @@ class ZImageConfig:
     axes_dims: tuple[int, int, int] = (32, 48, 48)
     siglip_feat_dim: int | None = None
     n_siglip_refiner: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_heads(self) -> int:
