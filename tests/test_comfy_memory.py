@@ -1,0 +1,81 @@
+"""Our models inside ComfyUI's memory manager, checked in ComfyUI's own environment (CPU, no server):
+the ModelPatcher contract (partial load/unload, detach) drives the block streamer, and loaders cache weakly."""
+
+import json
+import subprocess
+
+import pytest
+from comfy_harness import ROOT, comfyui_path, comfyui_python
+from tiny import diffusers_transformer, save_comfyui
+
+COMFY = comfyui_path()
+pytestmark = pytest.mark.comfyui
+if COMFY is None:
+    pytest.skip("no ComfyUI found (set COMFYUI_PATH or put one in ~/ComfyUI): real-ComfyUI tests skipped", allow_module_level=True)
+
+SCRIPT = r"""
+import gc, importlib.util, json, sys, torch
+root, path = sys.argv[1], sys.argv[2]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
+from zimage_pack.nodes import memory
+import zimage_core as zc
+from zimage_core.offload import module_bytes
+
+out = {}
+load = lambda: zc.load_transformer(path, dtype=torch.float32)
+offload = {"mode": "auto", "budget_gb": 0.0, "prefetch": 2}
+h1 = memory.cached_load("transformer", path, load, {"dtype": "fp32"}, offload)
+h2 = memory.cached_load("transformer", path, load, {"dtype": "fp32"}, offload)
+h3 = memory.cached_load("transformer", path, load, {"dtype": "bf16"}, offload)
+out["cached_same"] = h1 is h2
+out["other_options_other_module"] = h1.module is not h3.module
+del h3; gc.collect()
+out["released_when_unreferenced"] = len(memory._CACHE) == 1
+
+model = h1.module
+x, t, caps = torch.randn(1, 16, 8, 8), torch.tensor([0.4]), [torch.randn(7, 32)]
+with torch.inference_mode():
+    ref = model(x, t, caps)
+p = h1.patcher
+p.stream_on_cpu = True
+p.activations = 0
+total = module_bytes(model)
+blocks = [module_bytes(b) for b in model.blocks()]
+out["model_size_is_weights"] = p.model_size() == total
+p.partially_load(p.load_device, 1e32)                          # ComfyUI: room for everything
+out["full_load"] = p.loaded_size() == total and p.last_plan.streamed == []
+freed = p.partially_unload(p.offload_device, 3 * max(blocks))   # another model needs room
+out["unload_frees_enough"] = freed >= 3 * max(blocks) - 1 and p.loaded_size() <= total - freed + 1
+with torch.inference_mode():
+    out["streamed_output_equal"] = bool(torch.equal(model(x, t, caps), ref))
+out["streamed_blocks_after_unload"] = len(p.last_plan.streamed)
+more = p.partially_load(p.load_device, 10 * max(blocks))         # memory came back
+out["load_more_grows"] = more > 0
+p.budget_gb, p.mode = (3 * max(blocks) + total - sum(blocks)) / 1024**3 * 1.01, "budget"
+p.partially_load(p.load_device, 1e32)                          # a user budget caps what ComfyUI offers
+out["budget_respected"] = p.loaded_size() <= p.budget_gb * 1024**3
+with torch.inference_mode():
+    out["budget_output_equal"] = bool(torch.equal(model(x, t, caps), ref))
+p.detach()
+out["detach_empties"] = p.loaded_size() == 0 and p.current_loaded_device() == p.offload_device
+with torch.inference_mode():
+    out["after_detach_equal"] = bool(torch.equal(model(x, t, caps), ref))
+out["dtype"] = str(p.model_dtype())
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_patcher_contract_and_cache(tmp_path):
+    path = save_comfyui(diffusers_transformer(seed=1, n_layers=6), str(tmp_path / "z.safetensors"))
+    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, ROOT, path], cwd=COMFY, capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line, r.stderr[-3000:]
+    out = json.loads(line[len("RESULT"):])
+    assert out.pop("dtype") == "torch.float32"
+    assert out.pop("streamed_blocks_after_unload") > 0
+    assert all(out.values()), out
