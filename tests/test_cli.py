@@ -75,7 +75,7 @@ def test_reference_editing_from_the_command_line(models, tokenizer_dir, tmp_path
 def test_missing_weights_say_what_to_download(tmp_path):
     r = run(["generate", "--models", str(tmp_path), "-p", "x"])
     assert r.returncode == 2
-    assert "Could not find the transformer, text encoder, VAE" in r.stderr and "qwen_3_4b.safetensors" in r.stderr
+    assert "Could not find the transformer, text encoder and VAE" in r.stderr and "qwen_3_4b.safetensors" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -65,7 +65,8 @@ def find_weights(models: str | None = None, hf: str | None = None, transformer: 
     missing = [n for n, p in (("transformer", transformer), ("text encoder", text_encoder), ("VAE", vae)) if not p]
     if missing:
         where = f" in {models}" if models else ""
-        raise ZImageError(f"Could not find the {', '.join(missing)}{where}.\n{DOWNLOADS}")
+        names = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        raise ZImageError(f"Could not find the {names}{where}.\n{DOWNLOADS}")
     return WeightPaths(transformer, text_encoder, vae, tokenizer)
 
 
