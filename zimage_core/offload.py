@@ -307,7 +307,8 @@ class BlockStreamer:
         if i in self.inflight or i not in self.host:
             return
         if self.cuda:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            # No wait on the compute stream: the host copies are never written, and the device memory a copy
+            # lands in is handed out by the allocator only after record_stream'd compute on it has finished.
             with torch.cuda.stream(self.copy_stream):
                 dev = [_move(v, self.device, non_blocking=True) for v in self.host[i]]
                 ev = torch.cuda.Event()
@@ -340,9 +341,11 @@ class BlockStreamer:
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
         slots = list(_slots(block))
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
         for (m, n, k), v in zip(slots, dev):
-            if self.cuda and not isinstance(v, list):
-                v.record_stream(torch.cuda.current_stream(self.device))  # keep the copy's memory until compute is done
+            if stream is not None:  # keep each copy's memory from reuse until the compute using it is done
+                for tensor in ([t for d, u, _ in v for t in (d, u) if t is not None] if isinstance(v, list) else [v]):
+                    tensor.record_stream(stream)
             _set(m, n, k, v)
         try:
             return block(*args)
