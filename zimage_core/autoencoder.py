@@ -7,8 +7,6 @@ returned by ``encode`` and taken by ``decode`` are raw VAE space (what ComfyUI's
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import torch
@@ -216,17 +214,6 @@ def _bfl_name(key: str, n_levels: int) -> str:
     return key
 
 
-def _config(files) -> dict:
-    folder = files.path if os.path.isdir(files.path) else os.path.dirname(files.path)
-    p = os.path.join(folder, "config.json")
-    try:
-        with open(p, encoding="utf-8") as f:
-            conf = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return conf if isinstance(conf, dict) and "latent_channels" in conf else {}
-
-
 def load_autoencoder(path: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> AutoEncoder:
     """Load the FLUX autoencoder from BFL's ``ae.safetensors`` or a diffusers ``vae/`` folder (or its parent)."""
     files = open_weights(path, subfolder="vae")
@@ -248,7 +235,8 @@ def load_autoencoder(path: str, dtype: torch.dtype | None = None, device: torch.
         dec_chs = [files.shape(names[f"decoder.up.{i}.block.0.conv1.weight"])[0] for i in range(levels)]
         n_res = 1 + max(int(re.match(r"encoder\.down\.0\.block\.(\d+)\.", k).group(1)) for k in names if k.startswith("encoder.down.0.block."))
         z = files.shape(names["decoder.conv_in.weight"])[1]
-        groups = int(_config(files).get("norm_num_groups", 32))  # not visible in the weights; FLUX uses 32
+        conf = files.config()  # a diffusers vae/ config; a stray config.json of something else is ignored
+        groups = int(conf.get("norm_num_groups", 32) if "latent_channels" in conf else 32)  # not in the weights; FLUX: 32
     except (KeyError, ValueError) as e:
         raise ZImageError(f"{files.path}: incomplete autoencoder weights ({e}).") from None
     if z != 16:

@@ -190,6 +190,16 @@ class WeightFiles:
     def path(self) -> str:
         return self.files[0].path if len(self.files) == 1 else os.path.dirname(self.files[0].path)
 
+    def config(self) -> dict:
+        """The ``config.json`` beside the weights (an HF folder's), or {} when there is none or it is unreadable."""
+        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return conf if isinstance(conf, dict) else {}
+
     def keys(self) -> list[str]:
         return list(self._where)
 

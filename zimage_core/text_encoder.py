@@ -8,8 +8,6 @@ independent of the others (what the reference computes with its padding mask).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass
 
@@ -165,18 +163,6 @@ _FUSED = {
 }
 
 
-def _read_config_json(files) -> dict:
-    folder = files.path if os.path.isdir(files.path) else os.path.dirname(files.path)
-    p = os.path.join(folder, "config.json")
-    if os.path.isfile(p):
-        try:
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
-        except ValueError:
-            return {}
-    return {}
-
-
 def text_encoder_plan(files) -> tuple[Qwen3Config, dict[str, Source], str]:
     keys = files.keys()
     prefix = strip_prefix(keys, ("model.", "text_model.", "qwen3_4b.transformer.model.", "transformer.model."), "embed_tokens.weight")
@@ -190,7 +176,7 @@ def text_encoder_plan(files) -> tuple[Qwen3Config, dict[str, Source], str]:
     shape = lambda k: files.shape(prefix + k)  # noqa: E731
     n_file = 1 + max(int(m.group(1)) for k in keys if (m := _LAYER.match(k[len(prefix):])) and k.startswith(prefix))
     hd = shape("layers.0.self_attn.q_norm.weight")[0]
-    conf = _read_config_json(files)
+    conf = files.config()
     rope = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta") or 1_000_000.0
     cfg = Qwen3Config(
         hidden=shape("embed_tokens.weight")[1], n_layers_file=n_file, n_heads=shape("layers.0.self_attn.q_proj.weight")[0] // hd,

@@ -16,7 +16,7 @@ import torch
 from .attention import resolve_backend
 from .detect import describe, strip_prefix
 from .errors import ZImageError
-from .loader import Source, fill_module
+from .loader import Source, fill_module, storage_dtype_for
 from .quant import IGNORED_SUFFIXES, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .transformer import ZImageConfig, ZImageTransformer
@@ -106,6 +106,27 @@ def check_unexpected(files, unexpected: list[str], what: str) -> None:
         )
 
 
+def read_transformer_header(path: str, dtype: torch.dtype | None):
+    """Open a transformer file or folder and read everything the header tells: (files, plan, unexpected keys,
+    layout, config, compute dtype). Refuses files that are not Z-Image, naming what they are."""
+    files = open_weights(path, subfolder="transformer")
+    kind = describe(files.keys(), files.shape)
+    if not kind.startswith("Z-Image"):
+        raise ZImageError(
+            f"{files.path} looks like a {kind}, not a Z-Image transformer. Choose a Z-Image diffusion model "
+            "(e.g. z_image_turbo_bf16.safetensors from Comfy-Org/z_image_turbo, in models/diffusion_models)."
+        )
+    plan, unexpected, layout = transformer_plan(files)
+    try:
+        cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
+    except (KeyError, ValueError, IndexError) as e:
+        raise ZImageError(
+            f"{files.path}: cannot read the transformer's sizes from its weights ({e}); the file is incomplete or "
+            "not a Z-Image checkpoint."
+        ) from None
+    return files, plan, unexpected, layout, cfg, dtype or default_compute_dtype(files, plan)
+
+
 def load_transformer(
     path: str,
     dtype: torch.dtype | None = None,
@@ -118,30 +139,14 @@ def load_transformer(
     ``dtype`` is the compute dtype (default: the file's, bf16 for fp8 files). Linear weights keep their
     storage dtype unless ``storage_dtype`` asks otherwise (an fp8 type quantises per tensor on load).
     """
-    files = open_weights(path, subfolder="transformer")
-    kind = describe(files.keys(), files.shape)
-    if not kind.startswith("Z-Image"):
-        raise ZImageError(
-            f"{files.path} looks like a {kind}, not a Z-Image transformer. Choose a Z-Image diffusion model "
-            "(e.g. z_image_turbo_bf16.safetensors from Comfy-Org/z_image_turbo, in models/diffusion_models)."
-        )
-    formats = layer_formats(files)
-    plan, unexpected, layout = transformer_plan(files)
-    try:
-        cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
-    except (KeyError, ValueError, IndexError) as e:
-        raise ZImageError(
-            f"{files.path}: cannot read the transformer's sizes from its weights ({e}); the file is incomplete or "
-            "not a Z-Image checkpoint."
-        ) from None
-    compute = dtype or default_compute_dtype(files, plan)
+    files, plan, unexpected, layout, cfg, compute = read_transformer_header(path, dtype)
     with torch.device("meta"):
         model = ZImageTransformer(cfg, dtype=compute)
     names = dict(model.named_parameters())
     check_unexpected(files, unexpected + [plan[k].keys[0] for k in plan if k not in names], "Z-Image transformer")
     fill_module(
         model, files, plan, compute_dtype=compute, storage_dtype=storage_dtype, device=device,
-        formats=formats, what="Z-Image transformer",
+        formats=layer_formats(files), what="Z-Image transformer",
     )
     model.set_attention_backend(resolve_backend(attention_backend))
     model.source_path, model.source_layout = files.path, layout
@@ -151,15 +156,7 @@ def load_transformer(
 def meta_transformer(path: str, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None) -> ZImageTransformer:
     """The model a file would load into, on the meta device, from its header alone (no weights read):
     parameters carry the dtypes loading would give them, so offload plans can be computed up front."""
-    from .loader import storage_dtype_for
-
-    files = open_weights(path, subfolder="transformer")
-    kind = describe(files.keys(), files.shape)
-    if not kind.startswith("Z-Image"):
-        raise ZImageError(f"{files.path} looks like a {kind}, not a Z-Image transformer.")
-    plan, _, _ = transformer_plan(files)
-    cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
-    compute = dtype or default_compute_dtype(files, plan)
+    files, plan, _, _, cfg, compute = read_transformer_header(path, dtype)
     with torch.device("meta"):
         model = ZImageTransformer(cfg, dtype=compute)
     stored = {name for name, m in model.named_modules() if hasattr(m, "weight_scale")}
