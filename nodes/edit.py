@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from zimage_core.omni import TEMPLATE_BETWEEN, TEMPLATE_HEAD, TEMPLATE_PROMPT, TEMPLATE_TAIL, prepare_reference_image
+from zimage_core.omni import TEMPLATE_PROMPT, prepare_reference_image, reference_segments
 
 from .conditioning import ENCODE_ACTIVATIONS
 from .graph import omni_conditioning, siglip_from_clip_vision
@@ -62,18 +62,17 @@ class ZImageEditEncode(io.ComfyNode):
     def execute(cls, text_encoder, prompt, vae, image1, image2=None, image3=None, clip_vision=None, negative_prompt="",
                 auto_resize=True) -> io.NodeOutput:
         images = [_fit(im, auto_resize) for im in (image1, image2, image3) if im is not None]
-        n = len(images)
         latents = [vae.encode(im) for im in images]
         feats = [siglip_from_clip_vision(clip_vision.encode_image(im)) for im in images] if clip_vision is not None else None
-        extra_texts = [TEMPLATE_HEAD] + [TEMPLATE_BETWEEN] * (n - 1) + [TEMPLATE_TAIL]
+        shared = reference_segments(len(images))
         patcher = text_encoder.patcher
         patcher.load_for(ENCODE_ACTIVATIONS)
-        try:
-            te = text_encoder.module
-            extra = [e.cpu() for e in te.encode(extra_texts, template="{}")]
-            main, neg = (e.cpu() for e in te.encode([TEMPLATE_PROMPT.format(prompt), TEMPLATE_PROMPT.format(negative_prompt)], template="{}"))
+        try:  # the shared segments and both prompts in one pass
+            enc = [e.cpu() for e in text_encoder.module.encode(
+                shared + [TEMPLATE_PROMPT.format(prompt), TEMPLATE_PROMPT.format(negative_prompt)], template="{}")]
         finally:
             patcher.unload()
+        extra, (main, neg) = enc[: len(shared)], enc[len(shared):]
         h, w = images[-1].shape[1:3]
         return io.NodeOutput(omni_conditioning(main, extra, latents, feats), omni_conditioning(neg, extra, latents, feats),
                              {"samples": torch.zeros(1, 16, h // 8, w // 8)})

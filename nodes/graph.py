@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import zimage_core as zc
+from zimage_core.omni import assemble_segments
 from zimage_core.sampler import CondEntry
 
 log = logging.getLogger("zimage")
@@ -65,7 +66,7 @@ def entries_from_conditioning(cond: list, what: str = "positive") -> list[CondEn
                 raise zc.ZImageError(f"the {what} conditioning has {len(d['reference_latents'])} reference images but "
                                      f"{len(extra)} extra caption segments (expected one more than images); encode it with "
                                      "Z-Image Edit Encode (or ComfyUI's TextEncodeZImageOmni).")
-            caps = [extra[:-1] + [c] + extra[-1:] for c in caps]  # head, between…, prompt, tail (the reference order)
+            caps = [assemble_segments(extra, c) for c in caps]
             lat = [zc.to_model_space(r[:, :, 0] if r.ndim == 5 else r).float() for r in d["reference_latents"]]
             refs = [[r[min(i, r.shape[0] - 1)] for r in lat] for i in range(len(caps))]
             feats = d.get("zimage_siglip")

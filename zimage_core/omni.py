@@ -28,11 +28,21 @@ TEMPLATE_PROMPT = "<|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n<|vision_s
 TEMPLATE_TAIL = "<|vision_end|><|im_end|>"
 
 
+def reference_segments(n_images: int) -> list[str]:
+    """The caption segments around ``n_images`` reference images that do not depend on the prompt: head, between…, tail."""
+    return [TEMPLATE_HEAD] + [TEMPLATE_BETWEEN] * (n_images - 1) + [TEMPLATE_TAIL]
+
+
+def assemble_segments(others: list, prompt_segment) -> list:
+    """The reference's order: head, between…, the prompt's segment, tail (strings or their encodings alike)."""
+    return [*others[:-1], prompt_segment, others[-1]]
+
+
 def prompt_segments(prompt: str, n_images: int) -> list[str]:
     """The strings the reference encodes separately for a prompt with ``n_images`` reference images."""
     if n_images == 0:
         return ["<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n"]
-    return [TEMPLATE_HEAD] + [TEMPLATE_BETWEEN] * (n_images - 1) + [TEMPLATE_PROMPT.format(prompt), TEMPLATE_TAIL]
+    return assemble_segments(reference_segments(n_images), TEMPLATE_PROMPT.format(prompt))
 
 
 def prepare_reference_image(img: Image.Image, target_area: int | None = None) -> Image.Image:

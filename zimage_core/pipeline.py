@@ -17,7 +17,7 @@ from PIL import Image
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
 from .errors import ZImageError
 from .noise import comfy_noise
-from .omni import pil_to_tensor, prepare_reference_image, prompt_segments
+from .omni import TEMPLATE_PROMPT, assemble_segments, pil_to_tensor, prepare_reference_image, reference_segments
 from .sampler import CondEntry, Step, sample
 from .schedule import PRESETS, sigmas, start_index
 from .text_encoder import load_text_encoder
@@ -190,13 +190,17 @@ class ZImagePipeline:
                 out.append(to_model_space(self.autoencoder.encode(x, tile=vae_tile))[0].cpu())
         return out
 
-    def omni_condition(self, prompt: str, refs: list[torch.Tensor], siglip: list | None) -> CondEntry:
-        """Caption segments around the vision markers + reference latents (+ SigLIP features) as one entry."""
-        with self.on_device(self.text_encoder):
-            segments = [c.cpu() for c in self.text_encoder.encode(prompt_segments(prompt, len(refs)), template="{}")]
+    def omni_conditions(self, prompts: list[str], refs: list[torch.Tensor], siglip: list | None) -> list[CondEntry]:
+        """One entry per prompt: caption segments around the vision markers + the reference latents (+ SigLIP
+        features). The prompt-independent segments are encoded once, with every prompt, in one pass."""
         if siglip is not None and len(siglip) != len(refs):
             raise ZImageError(f"{len(siglip)} SigLIP feature maps for {len(refs)} reference images; give one per image.")
-        return CondEntry([segments], refs=[refs], siglip=None if siglip is None else [list(siglip) + [None]])
+        shared = reference_segments(len(refs))
+        with self.on_device(self.text_encoder):
+            enc = [c.cpu() for c in self.text_encoder.encode(shared + [TEMPLATE_PROMPT.format(p) for p in prompts], template="{}")]
+        others = enc[: len(shared)]
+        return [CondEntry([assemble_segments(others, seg)], refs=[refs], siglip=None if siglip is None else [list(siglip) + [None]])
+                for seg in enc[len(shared):]]
 
     def __call__(self, settings: GenerationSettings, init_image=None, mask=None,
                  callback: Callable[[Step], None] | None = None, cancel: Callable[[], bool] | None = None,
@@ -238,13 +242,13 @@ class ZImagePipeline:
             if len(reference_images) > 3:
                 raise ZImageError(f"{len(reference_images)} reference images; Z-Image's edit template takes at most 3.")
             refs = self.encode_references(reference_images, vae_tile)
-            pos = [self.omni_condition(s.prompt, refs, siglip_features)]
-            neg = [self.omni_condition(s.negative_prompt, refs, siglip_features)] if use_cfg else None
+            conds = self.omni_conditions([s.prompt, s.negative_prompt] if use_cfg else [s.prompt], refs, siglip_features)
+            pos, neg = [conds[0]], [conds[1]] if use_cfg else None
         elif siglip_features is not None:
             raise ZImageError("SigLIP features need reference images.")
-        else:
-            pos = self.encode_prompts([s.prompt])
-            neg = self.encode_prompts([s.negative_prompt]) if use_cfg else None
+        else:  # positive and negative in one text-encoder pass
+            caps = self.encode_prompts([s.prompt, s.negative_prompt] if use_cfg else [s.prompt])
+            pos, neg = caps[:1], caps[1:] if use_cfg else None
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
         with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
