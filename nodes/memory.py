@@ -23,6 +23,17 @@ from zimage_core.offload import GB, BlockStreamer, module_bytes, plan_offload
 log = logging.getLogger("zimage")
 
 
+def plan_for_settings(model, mode: str, budget_gb: float, offered: float | None, activations: int, prefetch: int, device):
+    """The plan for a loader's offload settings when ComfyUI offers ``offered`` bytes (None: no limit)."""
+    if mode == "budget" and budget_gb > 0:
+        cap = budget_gb * GB if offered is None else min(budget_gb * GB, offered)
+        return plan_offload(model, mode="budget", budget=int(cap), activations=activations, prefetch=prefetch, device=device)
+    if mode in ("resident", "min_vram"):
+        return plan_offload(model, mode=mode, activations=activations, prefetch=prefetch, device=device)
+    free = None if offered is None else int(offered)
+    return plan_offload(model, mode="auto", free_bytes=free, activations=activations, prefetch=prefetch, device=device)
+
+
 class ZImagePatcher(ModelPatcher):
     # On a CPU device the weights already live where compute runs, so loading streams nothing. Tests set this
     # to drive the same bookkeeping (plans, partial loads and unloads) on a CPU-only machine.
@@ -46,14 +57,9 @@ class ZImagePatcher(ModelPatcher):
         return self.load_device if self.loaded_size() > 0 else self.offload_device
 
     def plan_for(self, weight_budget: float):
-        if self.mode == "budget" and self.budget_gb > 0:
-            budget = int(min(self.budget_gb * GB, weight_budget + self.activations))
-            return plan_offload(self.model, mode="budget", budget=budget, activations=self.activations,
-                                prefetch=self.prefetch, device=self.load_device)
-        mode = self.mode if self.mode in ("resident", "min_vram") else "auto"
-        free = None if weight_budget >= 1e30 else int(weight_budget + self.activations)
-        return plan_offload(self.model, mode=mode, free_bytes=free, activations=self.activations,
-                            prefetch=self.prefetch, device=self.load_device)
+        offered = None if weight_budget >= 1e30 else weight_budget + self.activations
+        return plan_for_settings(self.model, self.mode, self.budget_gb, offered, self.activations, self.prefetch,
+                                 self.load_device)
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
         if mm.is_device_cpu(self.load_device) and not self.stream_on_cpu:

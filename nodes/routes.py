@@ -10,12 +10,12 @@ from aiohttp import web
 from server import PromptServer
 
 import zimage_core as zc
-from zimage_core.offload import GB, activation_bytes, plan_offload
+from zimage_core.offload import GB, activation_bytes, module_bytes
 from zimage_core.transformer_files import meta_transformer
 
 from .graph import MAX_SIDE, MIN_SIDE, RESOLUTIONS
 from .loaders import _split_dtype, resolve
-from .memory import ZImagePatcher
+from .memory import ZImagePatcher, plan_for_settings
 
 log = logging.getLogger("zimage")
 routes = PromptServer.instance.routes
@@ -49,21 +49,15 @@ async def plan(request):
         dtype, storage = _split_dtype(body.get("weight_dtype", "auto"), dev)
         model = meta_transformer(path, dtype, storage)
         acts = activation_bytes(model, int(body.get("width", 1024)), int(body.get("height", 1024)))
-        mode, budget = body.get("offload", "auto"), float(body.get("vram_budget_gb") or 0)
-        if mode == "budget" and budget > 0:
-            p = plan_offload(model, mode="budget", budget=int(budget * GB), activations=acts, device="cpu")
-        elif mode in ("resident", "min_vram"):
-            p = plan_offload(model, mode=mode, activations=acts, device="cpu")
-        elif mm.is_device_cpu(dev):
-            p = plan_offload(model, mode="resident", activations=acts, device="cpu")
+        mode = body.get("offload", "auto")
+        # before loading, ComfyUI could free all of the card but its reserve; on a CPU there is no limit
+        offered = None if mm.is_device_cpu(dev) else mm.get_total_memory(dev) - mm.extra_reserved_memory()
+        p = plan_for_settings(model, mode, float(body.get("vram_budget_gb") or 0), offered, acts, 2, "cpu")
+        if offered is None and not p.streamed and mode == "auto":
             p.notes.append("CPU: weights stay in system memory")
-        else:
-            free = mm.get_total_memory(dev) - mm.extra_reserved_memory()
-            p = plan_offload(model, mode="auto", free_bytes=int(free), activations=acts, device="cpu")
         s = p.summary()
-        model_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
         return web.json_response({"ok": True, "plan": s, "text": plan_text(s), "notes": p.notes,
-                                  "model_size": size(model_bytes / GB)})
+                                  "model_size": size(module_bytes(model) / GB)})
     except zc.ZImageError as e:
         return web.json_response({"ok": False, "error": str(e)})
     except Exception as e:  # the extension shows the reason instead of failing

@@ -79,9 +79,8 @@ class ZImageSampler(io.ComfyNode):
         dit = model.module
         model.activate()
         model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
-        total = steps - (zc.start_index(steps, denoise) if denoise < 1.0 else 0)
         previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())
-        pbar = comfy.utils.ProgressBar(total)
+        pbar = comfy.utils.ProgressBar(steps)  # each step reports the true total (fewer steps when denoise < 1)
         timer = StepTimer()
         node = cls.hidden.unique_id if cls.hidden is not None else None
 

@@ -66,9 +66,11 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 @dataclass
 class Sequence:
-    tokens: list[torch.Tensor]
-    ids: list[torch.Tensor]
-    noisy: list[torch.Tensor]  # bool per token: True = noisy (target), False = clean (reference)
+    """One sample's tokens of one kind (captions, images or SigLIP), their position ids and noise flags."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+    noisy: torch.Tensor  # bool per token: True = noisy (target), False = clean (reference)
 
 
 def _grid(h: int, w: int, first: int, device) -> torch.Tensor:
@@ -106,7 +108,7 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
         # The reference builds each segment's ids over its padded length and then appends its pad ids once
         # more, so from the second segment on the ids drift by the earlier segments' padding. Kept exactly.
         drift = [torch.cat([ci, ci.new_zeros(len(ct) - len(c), 3)]) for ci, ct, c in zip(ids, tok, captions[i])]
-        caps.append(Sequence([torch.cat(tok)], [torch.cat(drift)[: sum(len(a) for a in tok)]], [torch.cat(noisy)]))
+        caps.append(Sequence(torch.cat(tok), torch.cat(drift)[: sum(len(a) for a in tok)], torch.cat(noisy)))
         # images (references, then the target)
         tok, ids, noisy, sizes = [], [], [], []
         for j, im in enumerate(x[i]):
@@ -119,7 +121,7 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
                 ii = torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.long, device=dev)
                 sizes.append(None)
             tok.append(it), ids.append(ii), noisy.append(torch.full((len(it),), flag, device=dev))
-        imgs.append(Sequence([torch.cat(tok)], [torch.cat(ids)], [torch.cat(noisy)]))
+        imgs.append(Sequence(torch.cat(tok), torch.cat(ids), torch.cat(noisy)))
         targets.append((sizes, [len(a) for a in tok]))
         # SigLIP tokens
         if siglip is not None and siglip[i] is not None:
@@ -145,7 +147,7 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
                     st = model.siglip_pad_token.to(dtype).expand(SEQ_MULTIPLE, -1)
                     si = torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.long, device=dev)
                 tok.append(st), ids.append(si), noisy.append(torch.full((len(st),), flag, device=dev))
-            sigs.append(Sequence([torch.cat(tok)], [torch.cat(ids)], [torch.cat(noisy)]))
+            sigs.append(Sequence(torch.cat(tok), torch.cat(ids), torch.cat(noisy)))
         else:
             sigs.append(None)
     use_sig = sigs[0] is not None and cfg.siglip_feat_dim
@@ -156,18 +158,18 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
         return (t_noisy, t_clean, noisy_mask)
 
     # refiners: images (time-modulated per token), captions and SigLIP (no modulation)
-    px = pack([s.tokens[0] for s in imgs], [s.ids[0] for s in imgs], cfg.axes_dims, cfg.rope_theta)
-    xm = _pack_flags([s.noisy[0] for s in imgs], px.x.shape[1])
+    px = pack([s.tokens for s in imgs], [s.ids for s in imgs], cfg.axes_dims, cfg.rope_theta)
+    xm = _pack_flags([s.noisy for s in imgs], px.x.shape[1])
     h = px.x
     for blk in model.noise_refiner:
         h = model.run_block(blk, h, px.rope, px.mask, temb(xm))
-    pc = pack([s.tokens[0] for s in caps], [s.ids[0] for s in caps], cfg.axes_dims, cfg.rope_theta)
+    pc = pack([s.tokens for s in caps], [s.ids for s in caps], cfg.axes_dims, cfg.rope_theta)
     c = pc.x
     for blk in model.context_refiner:
         c = model.run_block(blk, c, pc.rope, pc.mask)
     sig_out = None
     if use_sig:
-        ps = pack([s.tokens[0] for s in sigs], [s.ids[0] for s in sigs], cfg.axes_dims, cfg.rope_theta)
+        ps = pack([s.tokens for s in sigs], [s.ids for s in sigs], cfg.axes_dims, cfg.rope_theta)
         sgo = ps.x
         for blk in model.siglip_refiner:
             sgo = model.run_block(blk, sgo, ps.rope, ps.mask)
@@ -178,8 +180,8 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
     for i, (cs, xs) in enumerate(zip(pc.unpack(c), px.unpack(h))):
         parts = [cs, xs] + ([sig_out[i]] if use_sig else [])
         seqs.append(torch.cat(parts))
-        ids.append(torch.cat([caps[i].ids[0], imgs[i].ids[0]] + ([sigs[i].ids[0]] if use_sig else [])))
-        flags.append(torch.cat([caps[i].noisy[0], imgs[i].noisy[0]] + ([sigs[i].noisy[0]] if use_sig else [])))
+        ids.append(torch.cat([caps[i].ids, imgs[i].ids] + ([sigs[i].ids] if use_sig else [])))
+        flags.append(torch.cat([caps[i].noisy, imgs[i].noisy] + ([sigs[i].noisy] if use_sig else [])))
     pu = pack(seqs, ids, cfg.axes_dims, cfg.rope_theta)
     um = _pack_flags(flags, pu.x.shape[1])
     u = pu.x
@@ -189,7 +191,7 @@ def omni_forward(model, x, t, captions, siglip=None, image_noise_mask=None):
 
     out = []
     for i in range(b):
-        start = len(caps[i].tokens[0])
+        start = len(caps[i].tokens)
         sizes, lens = targets[i]
         offsets = np.cumsum([0] + lens)
         k = max(j for j, s in enumerate(sizes) if s is not None)
