@@ -58,7 +58,6 @@ class Delta:
     up: torch.Tensor | None
     down: torch.Tensor | None
     scale: float
-    source: str
 
     def matrix(self) -> torch.Tensor:
         if self.kind == "lora":
@@ -208,7 +207,7 @@ def _delta(files, alias: str, parts: dict[str, str], target: str, rows, shape: t
         if (up.shape[0], down.shape[1]) != shape:
             raise ZImageError(f"{files.path}: {parts[down_key]} gives a {up.shape[0]}×{down.shape[1]} update but "
                               f"{alias} is {shape[0]}×{shape[1]}; the LoRA was made for a different model size.")
-        return Delta(target, rows, "lora", up, down, alpha / down.shape[0] if alpha else 1.0, parts[down_key])
+        return Delta(target, rows, "lora", up, down, alpha / down.shape[0] if alpha else 1.0)
     if any(p.startswith("lokr") for p in parts):
         w1 = get("lokr_w1") if "lokr_w1" in parts else get("lokr_w1_a") @ get("lokr_w1_b")
         w2 = get("lokr_w2") if "lokr_w2" in parts else get("lokr_w2_a") @ get("lokr_w2_b")
@@ -223,7 +222,7 @@ def _delta(files, alias: str, parts: dict[str, str], target: str, rows, shape: t
         return None
     if tuple(full.shape) != shape:
         raise ZImageError(f"{files.path}: the {src} weights of {alias} make {list(full.shape)}, expected {list(shape)}.")
-    return Delta(target, rows, "full", full, None, scale, next(iter(parts.values())))
+    return Delta(target, rows, "full", full, None, scale)
 
 
 class LoraPatcher:
