@@ -7,7 +7,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from zimage_core.omni import TEMPLATE_PROMPT, prepare_reference_image, reference_segments
+from zimage_core.images import prepare_reference_image
+from zimage_core.templates import TEMPLATE_PROMPT, reference_segments
 
 from .conditioning import ENCODE_ACTIVATIONS
 from .graph import omni_conditioning, siglip_from_clip_vision

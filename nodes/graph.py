@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import zimage_core as zc
-from zimage_core.omni import assemble_segments
 from zimage_core.sampler import CondEntry
+from zimage_core.templates import assemble_segments
 
 log = logging.getLogger("zimage")
 

@@ -61,7 +61,7 @@ class ZImagePatcher(ModelPatcher):
         return plan_for_settings(self.model, self.mode, self.budget_gb, offered, self.activations, self.prefetch,
                                  self.load_device)
 
-    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
         if mm.is_device_cpu(self.load_device) and not self.stream_on_cpu:
             return 0  # weights already live in host memory; nothing to stream
         before = self.loaded_size()
@@ -74,7 +74,7 @@ class ZImagePatcher(ModelPatcher):
         log.info("Z-Image %s: %s", type(self.model).__name__, plan.describe())
         return self.loaded_size() - before
 
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
         if self.streamer is None or not self.streamer.attached:
             return 0
         before = self.loaded_size()
@@ -84,7 +84,7 @@ class ZImagePatcher(ModelPatcher):
         self.last_plan = plan
         return before - self.loaded_size()
 
-    def detach(self, unpatch_all=True):
+    def detach(self, unpatch_all=True):  # noqa: ARG002 (ComfyUI's signature; we always detach all)
         if self.streamer is not None:
             self.streamer.detach()
         return self.model

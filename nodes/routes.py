@@ -22,7 +22,7 @@ routes = PromptServer.instance.routes
 
 
 @routes.get("/zimage/info")
-async def info(request):
+async def info(_request):
     return web.json_response({
         "presets": {k: {"steps": p.steps, "cfg": p.cfg, "shift": p.shift} for k, p in zc.PRESETS.items()},
         "resolutions": {k: list(v) for k, v in RESOLUTIONS.items()},

@@ -85,7 +85,7 @@ def finish(g: Graph, name: str, title: str, x: int, model: int, positive, latent
     g.dump(name, title)
 
 
-def base_graph(model: str, note: str, negative: bool):
+def base_graph(model: str, note: str):
     g = Graph()
     g.node("MarkdownNote", (20, 20), [note], size=(520, 360), title="Read me: files and settings")
     m = g.node("ZImageModelLoader", (20, 420), [model, "auto", "auto", "auto", 0.0, 2], size=(340, 270))
@@ -99,7 +99,7 @@ NEG = "blurry, low quality, oversaturated, deformed, text, watermark"
 
 
 def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link="", loras=()):
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips), negative)
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips))
     for i, (lora, strength) in enumerate(loras):
         nxt = g.node("ZImageLoraLoader", (20, 880 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
                      inputs=[("model", "ZIMAGE_MODEL")])
@@ -121,7 +121,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_l
 
 def edit(name, title, image, with_mask, denoise, tips):
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips))
     load = g.node("LoadImage", (400, 420), [image, "image"], size=(320, 360))
     vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))
     ins = [("image", "IMAGE"), ("vae", "VAE")] + ([("mask", "MASK")] if with_mask else [])
@@ -140,7 +140,7 @@ def edit(name, title, image, with_mask, denoise, tips):
 
 def reference_edit(name, title, images, prompt, tips):
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips))
     loads = [g.node("LoadImage", (400, 420 + 400 * i), [im, "image"], size=(320, 360), title=f"Reference {i + 1}")
              for i, im in enumerate(images)]
     vae = g.node("VAELoader", (760, 820), ["ae.safetensors"], size=(420, 60))

@@ -83,7 +83,7 @@ def test_every_workflow_loads_without_missing_nodes(page, name):
     assert our_errors(page) == []
 
 
-def test_help_docs_are_served(page, comfy_server):
+def test_help_docs_are_served(comfy_server):
     import urllib.request
 
     for node in ("ZImageSampler", "ZImageModelLoader", "ZImageEditEncode"):
@@ -158,7 +158,7 @@ def test_plan_text_and_a_run_with_step_messages(page):
     assert our_errors(page) == []
 
 
-def test_extension_fails_soft_without_routes(page, comfy_server):
+def test_extension_fails_soft_without_routes(page):
     """With the plan route answering 404, the loader says so and the graph still runs."""
     page.route("**/zimage/plan", lambda route: route.fulfill(status=404, body="not found"))
     try:

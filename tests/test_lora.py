@@ -131,7 +131,7 @@ def test_every_dialect_gives_the_same_weights(path, deltas, tmp_path, dialect):
         assert torch.allclose(v, want[k], atol=1e-6, rtol=1e-5), k
 
 
-def test_equals_diffusers_load_lora_weights(ref, path, deltas, tmp_path):
+def test_equals_diffusers_load_lora_weights(path, deltas, tmp_path):
     from diffusers import ZImagePipeline
 
     lora_path = write(tmp_path, "pytorch_lora_weights.safetensors", DIALECTS["diffusers"](deltas))

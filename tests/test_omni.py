@@ -5,7 +5,7 @@ import torch
 from tiny import diffusers_transformer, rel_err, sample_picture, save_comfyui, tiny_qwen, tiny_vae, write_models_dir
 
 import zimage_core as zc
-from zimage_core.omni import prompt_segments
+from zimage_core.templates import prompt_segments
 
 SIG = 24
 
@@ -43,7 +43,7 @@ def test_omni_forward_mixed_batch_equals_diffusers(omni_ref, omni_model, with_si
                                                 siglip_feats=ss, image_noise_mask=nm, return_dict=False)[0]]
 
     with torch.no_grad():
-        ours = omni_model(x, t, caps, siglip=sig if with_siglip else None, image_noise_mask=nm)
+        ours = omni_model.forward_omni(x, t, caps, siglip=sig if with_siglip else None, image_noise_mask=nm)
     for o, truth, r32 in zip(ours, theirs(ref64, torch.float64), theirs(omni_ref, torch.float32)):
         assert o.shape == (16, 8, 8)
         assert rel_err(o, truth) < 2e-6 and rel_err(o, truth) < 2 * rel_err(r32, truth) + 1e-7
@@ -63,9 +63,9 @@ def test_siglip_refused_without_omni_weights(tmp_path):
     plain = zc.load_transformer(save_comfyui(diffusers_transformer(seed=1), str(tmp_path / "t.safetensors")), dtype=torch.float32)
     x, t, caps, sig, nm = batch(1)
     with pytest.raises(zc.ZImageError, match="has no SigLIP embedder"):
-        plain(x, t, caps, siglip=sig, image_noise_mask=nm)
+        plain.forward_omni(x, t, caps, siglip=sig, image_noise_mask=nm)
     with torch.no_grad():  # reference latents alone also condition today's Turbo/Base models
-        out = plain(x, t, caps, image_noise_mask=nm)
+        out = plain.forward_omni(x, t, caps, image_noise_mask=nm)
     assert out[0].shape == (16, 8, 8) and torch.isfinite(out[1]).all()
 
 
@@ -112,10 +112,10 @@ def test_pipeline_latents_equal_diffusers_omni(omni_ref, setup, hf_tokenizer, n_
     pipe = diffusers_omni(omni_ref, te, vae, hf_tokenizer, siglip)
     images = [sample_picture(80, 64, seed=1), sample_picture(64, 96, seed=2)][:n_images]  # the reference needs ≥ 64 px
     refs = ours.encode_references(images)  # the same reference latents on both sides (encoding is tested below)
-    pipe.prepare_image_latents = lambda images, batch_size, device, dtype: [[r.unsqueeze(1) for r in refs] for _ in range(batch_size)]
+    pipe.prepare_image_latents = lambda batch_size, **_: [[r.unsqueeze(1) for r in refs] for _ in range(batch_size)]
     feats = pipe.prepare_siglip_embeds(images=images, batch_size=1, device="cpu", dtype=torch.float32)[0] if with_siglip else None
     if not with_siglip:
-        pipe.prepare_siglip_embeds = lambda images, batch_size, device, dtype: [[] for _ in range(batch_size)]
+        pipe.prepare_siglip_embeds = lambda batch_size, **_: [[] for _ in range(batch_size)]
     h, w = refs[-1].shape[-2] * 8, refs[-1].shape[-1] * 8  # the reference defaults to the last image's size
     noise = zc.comfy_noise((1, 16, h // 8, w // 8), 11)
     expected = pipe(image=images, prompt="make the sky purple", negative_prompt="blurry", num_inference_steps=4,
@@ -143,7 +143,7 @@ def test_reference_encoding_matches_diffusers_bf16_vae(setup, omni_ref, hf_token
 def test_large_reference_is_resized_to_the_target_area():
     from PIL import Image
 
-    from zimage_core.omni import prepare_reference_image
+    from zimage_core.images import prepare_reference_image
 
     big = Image.new("RGB", (2000, 1000))
     out = prepare_reference_image(big)

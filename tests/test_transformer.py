@@ -88,7 +88,7 @@ def test_diffusers_folder_and_prefixes_load_identically(refs, comfy_file, tmp_pa
     assert variants[0].source_layout == "diffusers" and variants[2].source_layout == "comfyui"
 
 
-def test_pad_tokens_are_attended_not_masked(refs, comfy_file):
+def test_pad_tokens_are_attended_not_masked(comfy_file):
     """Changing the learned pad tokens must change the output (they are real tokens to the model)."""
     model = zc.load_transformer(comfy_file, dtype=torch.float32)
     x, t, caps = inputs(3, [(6, 6)], [5])  # 9 image tokens + 23 pads, 5 caption tokens + 27 pads
@@ -130,7 +130,7 @@ def test_bf16_file_runs_in_fp32_without_a_second_copy(refs, tmp_path):
         assert rel_err(model(x, t, caps)[0], reference(ref, x, t, caps, torch.float32)[0]) < FP32_TOL
 
 
-def _fp8_reference(refs, dtype, scales: dict[str, float]):
+def _fp8_reference(dtype, scales: dict[str, float]):
     """The fp32 diffusers model with every linear weight replaced by its fp8-rounded (and scaled) value."""
     ref = diffusers_transformer(seed=1)
     sd = ref.state_dict()
@@ -186,14 +186,14 @@ def test_fp8_files_match_rounded_weights(refs, tmp_path, fmt):
     model = zc.load_transformer(path, dtype=torch.float32)
     w = model.layers[0].attention.qkv.weight
     assert w.dtype == fp8, "fp8 weights stay fp8 in memory"
-    ref = _fp8_reference(refs, fp8, diff_scales)
+    ref = _fp8_reference(fp8, diff_scales)
     x, t, caps = inputs(7, [(8, 6)], [10])
     with torch.no_grad():
         assert rel_err(model(x, t, caps)[0], reference(ref, x, t, caps, torch.float32)[0]) < FP32_TOL
     assert zc.load_transformer(path).compute_dtype == torch.bfloat16  # fp8 files compute in bf16 by default
 
 
-def test_fp8_storage_on_load_quantises_per_tensor(refs, comfy_file):
+def test_fp8_storage_on_load_quantises_per_tensor(comfy_file):
     full = zc.load_transformer(comfy_file, dtype=torch.float32)
     q = zc.load_transformer(comfy_file, dtype=torch.float32, storage_dtype=torch.float8_e4m3fn)
     lin_q, lin_f = q.layers[1].feed_forward.w2, full.layers[1].feed_forward.w2

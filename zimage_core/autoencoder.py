@@ -17,6 +17,7 @@ from .detect import describe, strip_prefix
 from .errors import ZImageError
 from .loader import Source, fill_module
 from .safetensors_io import open_weights
+from .vae_tiling import decode_tiled, encode_moments_tiled
 
 SCALE, SHIFT = 0.3611, 0.1159
 
@@ -153,6 +154,7 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(dec_chs or chs, n_res, z, groups)
         self.compute_dtype, self.z_channels = dtype, z
         self.factor = 2 ** (len(chs) - 1)
+        self.source_path: str | None = None  # set by the loader
 
     @property
     def device(self) -> torch.device:
@@ -164,8 +166,6 @@ class AutoEncoder(nn.Module):
         drawn with ``generator`` (as diffusers' retrieve_latents). ``tile`` (pixels) runs it exactly, tile by tile."""
         x = (images.to(self.device, torch.float32) * 2.0 - 1.0).to(self.compute_dtype)
         if tile and max(x.shape[-2:]) > tile:
-            from .vae_tiling import encode_moments_tiled
-
             moments = encode_moments_tiled(self, x, tile)
         else:
             moments = self.encoder(x).float()
@@ -181,8 +181,6 @@ class AutoEncoder(nn.Module):
         device's memory; the result equals the untiled decode up to rounding."""
         z = z.to(self.device, self.compute_dtype)
         if tile and max(z.shape[-2:]) * self.factor > tile:
-            from .vae_tiling import decode_tiled
-
             img = decode_tiled(self, z, tile).to(self.device)
         else:
             img = self.decoder(z).float()

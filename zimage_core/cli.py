@@ -89,7 +89,7 @@ def generate(a) -> list[str]:
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
     refs = [Image.open(p).convert("RGB") for p in a.reference]
     if refs and a.width is None and a.height is None:
-        from .omni import prepare_reference_image
+        from .images import prepare_reference_image
 
         a.width, a.height = prepare_reference_image(refs[-1]).size
     mask = Image.open(a.mask) if a.mask else None

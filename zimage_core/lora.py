@@ -236,9 +236,10 @@ class LoraPatcher:
 
     @classmethod
     def of(cls, model) -> LoraPatcher:
-        if "_lora_patcher" not in model.__dict__:
-            model.__dict__["_lora_patcher"] = cls(model)
-        return model.__dict__["_lora_patcher"]
+        """The model's patcher (one per model, kept in its declared ``lora_patcher`` slot)."""
+        if model.lora_patcher is None:
+            model.lora_patcher = cls(model)
+        return model.lora_patcher
 
     def restore(self) -> None:
         for name, w in self.backup.items():

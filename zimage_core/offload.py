@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import PLAIN, Executor
 from .errors import ZImageError
 
 log = logging.getLogger("zimage")
@@ -152,11 +153,11 @@ class Ledger:
         self.now = 0
         self.peak = 0
 
-    def add(self, n: int, what: str = ""):
+    def add(self, n: int):
         self.now += n
         self.peak = max(self.peak, self.now)
 
-    def sub(self, n: int, what: str = ""):
+    def sub(self, n: int):
         self.now -= n
 
 
@@ -210,11 +211,12 @@ def _to_host(v, pin: bool):
     return v.pin_memory() if pin and not v.is_pinned() else v
 
 
-class BlockStreamer:
+class BlockStreamer(Executor):
     """Executes a plan. Fixed modules and resident blocks live on the device; streamed blocks live in (pinned)
     host memory and are copied in ``prefetch`` blocks ahead of use on a side stream, then released.
 
-    ``attach()`` installs it as ``model.run_block``; ``detach()`` returns every tensor to the host.
+    ``attach()`` installs it as the model's executor (blocks.py); ``detach()`` returns every tensor to the host
+    and gives the model its plain executor back.
     """
 
     def __init__(self, model, plan: OffloadPlan, ledger: Ledger | None = None, cyclic: bool = True):
@@ -239,24 +241,23 @@ class BlockStreamer:
             if id(m) not in inside:
                 yield from _slots(m, recurse=False)
 
-    def _place(self, slots, what: str) -> None:
+    def _place(self, slots) -> None:
         for m, n, k in slots:
             v = _get(m, n, k)
             if isinstance(v, list) or v.device != self.device or self.device.type == "cpu":
                 v = _move(v, self.device)
                 _set(m, n, k, v)
-            self.ledger.add(_bytes(v), what)
+            self.ledger.add(_bytes(v))
 
     def attach(self) -> BlockStreamer:
-        self._place(list(self._fixed_slots()), "fixed")
+        self._place(list(self._fixed_slots()))
         streamed = set(self.plan.streamed)
         for i, blk in enumerate(self.blocks):
             if i in streamed:
                 self._demote(i, count=False)
             else:
-                self._place(list(_slots(blk)), f"resident {i}")
-        self.model.run_block = self.run_block
-        self.model.compute_device = self.device
+                self._place(list(_slots(blk)))
+        self.model.executor = self
         self.attached = True
         return self
 
@@ -265,7 +266,7 @@ class BlockStreamer:
         for m, n, k in _slots(self.blocks[i]):
             v = _get(m, n, k)
             if count:
-                self.ledger.sub(_bytes(v), f"demote {i}")
+                self.ledger.sub(_bytes(v))
             h = _to_host(v, self.cuda)
             _set(m, n, k, h)
             host.append(h)
@@ -273,7 +274,7 @@ class BlockStreamer:
 
     def _promote(self, i: int) -> None:
         self.host.pop(i)
-        self._place(list(_slots(self.blocks[i])), f"promote {i}")
+        self._place(list(_slots(self.blocks[i])))
 
     def replan(self, plan: OffloadPlan) -> None:
         """Switch plans in place (ComfyUI asked for memory back, or gave more)."""
@@ -288,14 +289,13 @@ class BlockStreamer:
                 self._promote(i)
 
     def detach(self) -> None:
-        """Every tensor back to host memory; ``model.run_block`` is plain again."""
+        """Every tensor back to host memory; the model's executor is the plain one again."""
         self.drop_inflight()
         for m, n, k in _slots(self.model):
             _set(m, n, k, _to_host(_get(m, n, k), False))
-        self.ledger.sub(self.ledger.now, "detach")
+        self.ledger.sub(self.ledger.now)
         self.host.clear()
-        self.model.run_block = lambda block, *args: block(*args)
-        self.model.__dict__.pop("compute_device", None)
+        self.model.executor = PLAIN
         self.attached = False
 
     @property
@@ -317,21 +317,21 @@ class BlockStreamer:
             dev, ev = [_move(v, self.device) for v in self.host[i]], None
         n = sum(_bytes(v) for v in dev)
         self.copied_bytes += n
-        self.ledger.add(n, f"stream in {i}")
+        self.ledger.add(n)
         self.inflight[i] = (dev, ev)
 
     def _release(self, i: int) -> None:
         dev, _ = self.inflight.pop(i)
-        self.ledger.sub(sum(_bytes(v) for v in dev), f"release {i}")
+        self.ledger.sub(sum(_bytes(v) for v in dev))
 
     def drop_inflight(self) -> None:
         for i in list(self.inflight):
             self._release(i)
 
-    def run_block(self, block, *args):
+    def run(self, block, fn, *args):
         i = self.index.get(id(block))
         if i is None or i not in self.host:
-            return block(*args)
+            return fn(*args)
         order = self.plan.streamed
         pos = order.index(i)
         ahead = (order + order)[pos : pos + 1 + self.plan.prefetch] if self.cyclic else order[pos : pos + 1 + self.plan.prefetch]
@@ -348,7 +348,7 @@ class BlockStreamer:
                     tensor.record_stream(stream)
             _set(m, n, k, v)
         try:
-            return block(*args)
+            return fn(*args)
         finally:
             for (m, n, k), v in zip(slots, self.host[i]):
                 _set(m, n, k, v)

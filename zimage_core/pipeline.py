@@ -16,10 +16,11 @@ from PIL import Image
 
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
 from .errors import ZImageError
+from .images import pil_to_tensor, prepare_reference_image
 from .noise import comfy_noise
-from .omni import TEMPLATE_PROMPT, assemble_segments, pil_to_tensor, prepare_reference_image, reference_segments
 from .sampler import CondEntry, Step, sample
 from .schedule import PRESETS, sigmas, start_index
+from .templates import TEMPLATE_PROMPT, assemble_segments, reference_segments
 from .text_encoder import load_text_encoder
 from .transformer_files import load_transformer
 

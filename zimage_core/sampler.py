@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import BlockRun
 from .errors import ZImageError, ZImageInterrupted
 from .schedule import model_time
 
@@ -85,13 +86,13 @@ def _active(entries: list[CondEntry] | None, sigma: float, shift: float) -> list
     return now or entries  # a gap between timestep ranges: use every entry rather than predict nothing
 
 
-def _forward(model, x, t, e: CondEntry) -> torch.Tensor:
+def _forward(model, x, t, e: CondEntry, run: BlockRun) -> torch.Tensor:
     """One model call; with reference latents the target joins them as the last (noisy) image (Omni mode)."""
     if e.refs is None:
-        return model(x, t, e.captions)
+        return model(x, t, e.captions, run=run)
     xs = [list(r) + [xi] for r, xi in zip(e.refs, x.unbind(0))]
     mask = [[0] * len(r) + [1] for r in e.refs]
-    return torch.stack(model(xs, t, e.captions, siglip=e.siglip, image_noise_mask=mask))
+    return torch.stack(model.forward_omni(xs, t, e.captions, siglip=e.siglip, image_noise_mask=mask, run=run))
 
 
 def _joint(a: CondEntry, b: CondEntry) -> CondEntry | None:
@@ -102,12 +103,12 @@ def _joint(a: CondEntry, b: CondEntry) -> CondEntry | None:
     return CondEntry(a.captions + b.captions, refs=cat(a.refs, b.refs), siglip=cat(a.siglip, b.siglip))
 
 
-def _predict(model, x, t, entries: list[CondEntry]) -> torch.Tensor:
+def _predict(model, x, t, entries: list[CondEntry], run: BlockRun) -> torch.Tensor:
     """The model's prediction, averaged over several active entries by weight (as ComfyUI combines conds)."""
     if len(entries) == 1:
-        return _forward(model, x, t, entries[0]).float()
+        return _forward(model, x, t, entries[0], run).float()
     total = sum(e.weight for e in entries)
-    return sum(_forward(model, x, t, e).float() * (e.weight / total) for e in entries)
+    return sum(_forward(model, x, t, e, run).float() * (e.weight / total) for e in entries)
 
 
 def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) -> torch.Tensor:
@@ -191,45 +192,41 @@ def sample(
         if cancel is not None and cancel():
             raise ZImageInterrupted("sampling was interrupted")
 
-    inner = model.run_block
-    model.run_block = lambda blk, *a: (check(), inner(blk, *a))[1]
-    try:
-        for i in range(n):
-            check()
-            s, s_next = sig[i], sig[i + 1]
-            t = model_time(s).to(dev).expand(b)
-            guided = use_cfg and not (cfg_truncation is not None and float(cfg_truncation) <= 1 and model_time(s).item() > cfg_truncation)
-            xin = x.to(model.compute_dtype)
-            pos_now = _active(pos_entries, float(s), shift)
-            neg_now = _active(neg_entries, float(s), shift) if guided else None
-            with torch.inference_mode():
-                joint = _joint(pos_now[0], neg_now[0]) if guided and len(pos_now) == len(neg_now) == 1 else None
-                if joint is not None and batch_cfg:
-                    try:
-                        out = _forward(model, torch.cat([xin, xin]), torch.cat([t, t]), joint)
-                        pred = guide(out[:b], out[b:], g, cfg_normalization)
-                    except torch.OutOfMemoryError:
-                        log.warning("Out of memory with the CFG passes batched; running them one after another.")
-                        batch_cfg = False
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        pred = guide(_predict(model, xin, t, pos_now), _predict(model, xin, t, neg_now), g, cfg_normalization)
-                elif guided:
-                    pred = guide(_predict(model, xin, t, pos_now), _predict(model, xin, t, neg_now), g, cfg_normalization)
-                else:
-                    pred = _predict(model, xin, t, pos_now)
-            x_prev = x
-            x = x + (s_next - s).to(dev) * (-pred)
-            if mask is not None:
-                proper = init if i == n - 1 else s_next.to(dev) * noise + (1.0 - s_next.to(dev)) * init
-                x = (1 - mask) * proper + mask * x
-            if not torch.isfinite(x).all():
-                raise ZImageError(
-                    f"NaN/inf appeared in the latents at step {i + 1} of {n}: the model overflowed in "
-                    f"{str(model.compute_dtype).replace('torch.', '')}. Run it in bf16 or fp32 (fp16 overflows on Z-Image)."
-                )
-            if callback is not None:
-                callback(Step(i, n, float(s), x, x_prev + s.to(dev) * pred))
-    finally:
-        model.run_block = inner
+    run = BlockRun(cancel=cancel)  # the interrupt is also checked between blocks
+    for i in range(n):
+        check()
+        s, s_next = sig[i], sig[i + 1]
+        t = model_time(s).to(dev).expand(b)
+        guided = use_cfg and not (cfg_truncation is not None and float(cfg_truncation) <= 1 and model_time(s).item() > cfg_truncation)
+        xin = x.to(model.compute_dtype)
+        pos_now = _active(pos_entries, float(s), shift)
+        neg_now = _active(neg_entries, float(s), shift) if guided else None
+        with torch.inference_mode():
+            joint = _joint(pos_now[0], neg_now[0]) if guided and len(pos_now) == len(neg_now) == 1 else None
+            if joint is not None and batch_cfg:
+                try:
+                    out = _forward(model, torch.cat([xin, xin]), torch.cat([t, t]), joint, run)
+                    pred = guide(out[:b], out[b:], g, cfg_normalization)
+                except torch.OutOfMemoryError:
+                    log.warning("Out of memory with the CFG passes batched; running them one after another.")
+                    batch_cfg = False
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    pred = guide(_predict(model, xin, t, pos_now, run), _predict(model, xin, t, neg_now, run), g, cfg_normalization)
+            elif guided:
+                pred = guide(_predict(model, xin, t, pos_now, run), _predict(model, xin, t, neg_now, run), g, cfg_normalization)
+            else:
+                pred = _predict(model, xin, t, pos_now, run)
+        x_prev = x
+        x = x + (s_next - s).to(dev) * (-pred)
+        if mask is not None:
+            proper = init if i == n - 1 else s_next.to(dev) * noise + (1.0 - s_next.to(dev)) * init
+            x = (1 - mask) * proper + mask * x
+        if not torch.isfinite(x).all():
+            raise ZImageError(
+                f"NaN/inf appeared in the latents at step {i + 1} of {n}: the model overflowed in "
+                f"{str(model.compute_dtype).replace('torch.', '')}. Run it in bf16 or fp32 (fp16 overflows on Z-Image)."
+            )
+        if callback is not None:
+            callback(Step(i, n, float(s), x, x_prev + s.to(dev) * pred))
     return x

@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention, resolve_backend
+from .blocks import PLAIN, Executor
 from .detect import describe, strip_prefix
 from .errors import ZImageError
 from .layers import Embedding, Linear, RMSNorm
 from .loader import Source, fill_module
 from .quant import layer_formats, scale_key
 from .safetensors_io import open_weights
-from .tokenizer import PAD_ID, TEMPLATE, PromptTokenizer, find_tokenizer_dir
+from .templates import TEMPLATE
+from .tokenizer import PAD_ID, PromptTokenizer, find_tokenizer_dir
 
 QWEN3_SIZES = {1024: "Qwen3-0.6B", 2048: "Qwen3-1.7B", 2560: "Qwen3-4B", 4096: "Qwen3-8B", 5120: "Qwen3-14B/32B"}
 Z_IMAGE_HIDDEN = 2560
@@ -107,12 +109,13 @@ class Qwen3PromptEncoder(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab, cfg.hidden)
         self.layers = nn.ModuleList([QwenLayer(cfg) for _ in range(cfg.n_layers)])
         self.tokenizer: PromptTokenizer | None = None
-        self.run_block = lambda block, *args: block(*args)  # replaced by the offload executor
+        self.executor: Executor = PLAIN  # owned by the offload streamer while it is attached (blocks.py)
+        self.source_path: str | None = None  # set by the loader
 
     @property
     def device(self) -> torch.device:
-        """Where compute runs: the offload executor's device while it is attached, else where the layers are."""
-        return self.__dict__.get("compute_device") or self.layers[0].input_layernorm.weight.device
+        """Where compute runs: the executor's device, else where the layers are."""
+        return self.executor.device or self.layers[0].input_layernorm.weight.device
 
     def blocks(self) -> list[QwenLayer]:
         return list(self.layers)
@@ -135,7 +138,7 @@ class Qwen3PromptEncoder(nn.Module):
         h = self.embed_tokens(ids, self.compute_dtype).to(dev)
         cos, sin = self.rope(ids.shape[1], dev)
         for layer in self.layers:
-            h = self.run_block(layer, h, cos, sin)
+            h = self.executor.run(layer, layer, h, cos, sin)
         return h
 
     @torch.inference_mode()

@@ -1,9 +1,5 @@
-"""The Qwen byte-level BPE tokenizer (through the ``tokenizers`` library) and Z-Image's prompt template.
-
-Z-Image encodes ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`` and cuts the token
-sequence at 512. We build that string ourselves: a tokenizer's own chat template may add a default
-system prompt (ComfyUI's Qwen2.5-style config does), which would change every embedding.
-"""
+"""The Qwen byte-level BPE tokenizer (through the ``tokenizers`` library); prompts are cut at 512 tokens.
+The template a prompt is wrapped in lives in templates.py."""
 
 from __future__ import annotations
 
@@ -16,10 +12,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .errors import ZImageError
+from .templates import TEMPLATE
 
 log = logging.getLogger("zimage")
 
-TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 512
 PAD_ID = 151643  # <|endoftext|>
 _SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

@@ -1,7 +1,7 @@
 """The Z-Image S3-DiT: a single-stream diffusion transformer over [image tokens, caption tokens].
 
 Names follow the ComfyUI single-file layout (fused ``attention.qkv``, ``x_embedder``, ``final_layer``),
-so that file loads without renaming; the diffusers layout is mapped in ``layouts.py``. Every size is
+so that file loads without renaming; the diffusers layout is mapped in ``transformer_files.py``. Every size is
 read from the weights (``ZImageConfig.from_weights``), so Turbo, Base, fine-tunes and tiny test
 models are the same code.
 
@@ -9,23 +9,29 @@ Sequence (per sample): image patches padded to a multiple of 32 with ``x_pad_tok
 tokens padded the same way with ``cap_pad_token``. Pads are attended to (they change the output);
 only the padding between samples of different lengths is masked. Position ids: caption token k →
 (k+1, 0, 0) (its pads included), image token (h, w) → (padded caption length + 1, h, w), image
-pads → (0, 0, 0).
+pads → (0, 0, 0). Packing the runs into a batch: packing.py; running blocks: blocks.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import apply_rope, attention, rope_angles, rope_freqs
+from .attention import apply_rope, attention
+from .blocks import PLAIN, BlockCall, BlockRun, Executor
 from .layers import Linear, RMSNorm, SwiGLU
+from .omni import omni_tokens
+from .packing import Packed, Tokens, grid_ids, join, pack, pad_to_multiple
 
-SEQ_MULTIPLE = 32
+if TYPE_CHECKING:
+    from .lora import LoraPatcher
 
 
 @dataclass
@@ -185,47 +191,16 @@ class FinalLayer(nn.Module):
         return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
 
 
-@dataclass
-class Packed:
-    """Sequences of different lengths stacked into one B×S×D batch, with their rope and key mask."""
-
-    x: torch.Tensor
-    rope: torch.Tensor
-    mask: torch.Tensor | None
-    lengths: list[int]
-
-    def unpack(self, x: torch.Tensor | None = None) -> list[torch.Tensor]:
-        x = self.x if x is None else x
-        return [x[i, :n] for i, n in enumerate(self.lengths)]
-
-
-def pack(seqs: list[torch.Tensor], ids: list[torch.Tensor], axes_dims, theta: float, extra: list | None = None) -> Packed:
-    """Stack per-sample token sequences (Lᵢ×D) and their position ids (Lᵢ×3); mask only between-sample padding."""
-    lengths = [len(s) for s in seqs]
-    n = max(lengths)
-    same = all(length == n for length in lengths)
-    if same:
-        x, pid = torch.stack(seqs), torch.stack(ids)
-        mask = None
-    else:
-        x = seqs[0].new_zeros(len(seqs), n, seqs[0].shape[-1])
-        pid = ids[0].new_zeros(len(seqs), n, ids[0].shape[-1])
-        mask = torch.zeros(len(seqs), n, dtype=torch.bool, device=x.device)
-        for i, (s, p) in enumerate(zip(seqs, ids)):
-            x[i, : len(s)], pid[i, : len(s)], mask[i, : len(s)] = s, p, True
-    ang = rope_angles(pid, axes_dims, theta, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    rope = rope_freqs(ang)[:, None]
-    return Packed(x, rope, mask, lengths)
-
-
-def pad_to_multiple(n: int, m: int = SEQ_MULTIPLE) -> int:
-    return n + (-n) % m
-
-
 class ZImageTransformer(nn.Module):
-    """Call as ``model(x, t, captions)``: x B×C×H×W (or a list of C×Hᵢ×Wᵢ), t B model times in [0, 1]
-    (0 = pure noise), captions a list of Lᵢ×cap_dim tensors. Returns the raw prediction (x0 − noise),
-    same shape (or list) as x, in the compute dtype."""
+    """Two explicit paths over one skeleton (refiners → unified layers → final layer):
+
+    * ``model(x, t, captions)``: x B×C×H×W (or a list of C×Hᵢ×Wᵢ), t B model times in [0, 1] (0 = pure
+      noise), captions a list of Lᵢ×cap_dim tensors. Returns the raw prediction (x0 − noise), same shape
+      (or list) as x, in the compute dtype.
+    * ``model.forward_omni(...)``: Omni/Edit conditioning (reference images, caption segments, SigLIP; see omni.py).
+
+    Both take ``run``, the per-call block hooks (blocks.py); where blocks run is ``self.executor``'s business.
+    """
 
     def __init__(self, cfg: ZImageConfig, dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
@@ -242,25 +217,27 @@ class ZImageTransformer(nn.Module):
         self.context_refiner = nn.ModuleList([Block(cfg, False, device) for _ in range(cfg.n_context_refiner)])
         self.layers = nn.ModuleList([Block(cfg, True, device) for _ in range(cfg.n_layers)])
         self.final_layer = FinalLayer(cfg, device=device)
+        self.siglip_embedder = self.siglip_refiner = self.siglip_pad_token = None
         if cfg.siglip_feat_dim:
             self.siglip_embedder = nn.Sequential(
                 RMSNorm(cfg.siglip_feat_dim, cfg.norm_eps, device=device), Linear(cfg.siglip_feat_dim, d, device=device)
             )
             self.siglip_refiner = nn.ModuleList([Block(cfg, False, device) for _ in range(cfg.n_siglip_refiner)])
             self.siglip_pad_token = nn.Parameter(torch.empty(1, d, device=device), requires_grad=False)
-        # The offload executor replaces this to stream blocks; it must call block(*args).
-        self.run_block: Callable = lambda block, *args: block(*args)
+        self.executor: Executor = PLAIN  # owned by the offload streamer while it is attached (blocks.py)
+        self.lora_patcher: LoraPatcher | None = None  # created by LoraPatcher.of on the first LoRA
+        self.source_path: str | None = None  # set by the loader: the file or folder the weights came from
+        self.source_layout: str | None = None  # "comfyui" or "diffusers"
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        """Where compute runs: the offload executor's device while it is attached, else where the weights are."""
-        return self.__dict__.get("compute_device") or self.x_pad_token.device
+        """Where compute runs: the executor's device, else where the weights are."""
+        return self.executor.device or self.x_pad_token.device
 
     def blocks(self) -> list[Block]:
         """All transformer blocks in execution order (what offloading streams)."""
-        sig = list(getattr(self, "siglip_refiner", []))
-        return [*self.noise_refiner, *self.context_refiner, *sig, *self.layers]
+        return [*self.noise_refiner, *self.context_refiner, *(self.siglip_refiner or ()), *self.layers]
 
     def set_attention_backend(self, name: str) -> None:
         for m in self.modules():
@@ -277,72 +254,97 @@ class ZImageTransformer(nn.Module):
         p, c = self.cfg.patch_size, self.cfg.in_channels
         return tokens.view(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w)
 
+    @staticmethod
+    def padded(tok: torch.Tensor, ids: torch.Tensor, pad_token: torch.Tensor, pad_ids: bool = True):
+        """A run padded to a multiple of 32 with ``pad_token``; pad ids (0, 0, 0) unless ``pad_ids`` is False."""
+        pad = pad_to_multiple(len(tok)) - len(tok)
+        if not pad:
+            return tok, ids
+        tok = torch.cat([tok, pad_token.to(tok.dtype).expand(pad, -1)])
+        return tok, torch.cat([ids, ids.new_zeros(pad, 3)]) if pad_ids else ids
+
     def image_tokens(self, img: torch.Tensor, pos0: int):
         """Embedded, padded image tokens and their ids (pos0, h, w); pads get the learned token and (0, 0, 0)."""
         p = self.cfg.patch_size
         _, h, w = img.shape
-        ht, wt = h // p, w // p
-        n = ht * wt
-        tok = self.x_embedder(self.patchify(img))
-        grid = torch.stack(
-            torch.meshgrid(torch.arange(ht, device=img.device), torch.arange(wt, device=img.device), indexing="ij"), -1
-        ).reshape(n, 2)
-        ids = torch.cat([torch.full((n, 1), pos0, device=img.device, dtype=grid.dtype), grid], dim=1)
-        pad = pad_to_multiple(n) - n
-        if pad:
-            tok = torch.cat([tok, self.x_pad_token.to(tok.dtype).expand(pad, -1)])
-            ids = torch.cat([ids, ids.new_zeros(pad, 3)])
-        return tok, ids, n
+        ids = grid_ids(h // p, w // p, pos0, img.device)
+        tok, ids = self.padded(self.x_embedder(self.patchify(img)), ids, self.x_pad_token)
+        return tok, ids, (h // p) * (w // p)
 
     def caption_tokens(self, cap: torch.Tensor, pos0: int = 1):
         """Embedded, padded caption tokens; every slot (pads included) gets id (pos0 + k, 0, 0)."""
-        n = len(cap)
         tok = self.cap_embedder(cap)
-        total = pad_to_multiple(n)
-        if total > n:
-            tok = torch.cat([tok, self.cap_pad_token.to(tok.dtype).expand(total - n, -1)])
+        total = pad_to_multiple(len(cap))
         ids = torch.zeros(total, 3, dtype=torch.long, device=cap.device)
         ids[:, 0] = torch.arange(pos0, pos0 + total, device=cap.device)
-        return tok, ids
+        return self.padded(tok, ids, self.cap_pad_token, pad_ids=False)
+
+    def time_embedding(self, t, n: int, value: float | None = None) -> torch.Tensor:
+        """n×adaln_dim embedding of model time ``t`` (scalar or n values; ``value`` overrides it, e.g. 1 = clean)."""
+        t = torch.as_tensor(t, device=self.device).float().reshape(-1).expand(n)
+        if value is not None:
+            t = torch.full_like(t, value)
+        return self.t_embedder(t * self.cfg.t_scale, self.compute_dtype)
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x, t, captions, **omni):
-        """Basic mode as documented above; with nested lists (per sample: reference latents…, target) and
-        caption segments it runs the Omni/Edit mode (see omni.py)."""
-        if omni or (isinstance(x, (list, tuple)) and isinstance(x[0], (list, tuple))):
-            from .omni import omni_forward
-
-            return omni_forward(self, x, t, captions, **omni)
-        dtype, cfg = self.compute_dtype, self.cfg
+    def forward(self, x, t, captions, run: BlockRun | None = None):
+        """The plain path (text-to-image): per sample [image tokens | caption tokens]."""
+        dtype, dev = self.compute_dtype, self.device
         images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0))
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} latents but {len(captions)} captions")
-        dev = self.device
+        if images and isinstance(images[0], (list, tuple)):
+            raise ValueError("nested lists of latents are Omni inputs; call forward_omni")
         images = [img.to(device=dev, dtype=dtype) for img in images]
-        t = torch.as_tensor(t, device=dev).float().reshape(-1).expand(len(images))
-        temb = self.t_embedder(t * cfg.t_scale, dtype)
+        temb = self.time_embedding(t, len(images))
+        caps = [self.caption_tokens(c.to(device=dev, dtype=dtype)) for c in captions]
+        imgs = [self.image_tokens(img, len(ci) + 1) for img, (_, ci) in zip(images, caps)]
+        out = self.backbone(
+            {"image": Tokens([a for a, _, _ in imgs], [b for _, b, _ in imgs]),
+             "caption": Tokens([a for a, _ in caps], [b for _, b in caps])},
+            ("image", "caption"), temb, [(0, n, img.shape[1], img.shape[2]) for (_, _, n), img in zip(imgs, images)], run,
+        )
+        return out if isinstance(x, (list, tuple)) else torch.stack(out)
 
-        caps, cap_ids = zip(*(self.caption_tokens(c.to(device=dev, dtype=dtype)) for c in captions))
-        xs, x_ids, n_img = zip(*(self.image_tokens(img, len(ci) + 1) for img, ci in zip(images, cap_ids)))
+    def forward_omni(self, x, t, captions, siglip=None, image_noise_mask=None, run: BlockRun | None = None):
+        """The Omni/Edit path: ``x`` per sample a list of latents (references…, target), ``captions`` per sample a
+        list of caption segments, ``siglip`` per sample a list of H×W×C features (or None), ``image_noise_mask``
+        per sample 1 (noisy) / 0 (clean) per image. Returns the target predictions (a list). See omni.py."""
+        runs, targets = omni_tokens(self, x, captions, siglip, image_noise_mask)
+        temb = (self.time_embedding(t, len(x)), self.time_embedding(t, len(x), 1.0))
+        return self.backbone(runs, ("caption", "image", "siglip") if "siglip" in runs else ("caption", "image"),
+                             temb, targets, run)
 
-        px = pack(list(xs), list(x_ids), cfg.axes_dims, cfg.rope_theta)
-        h = px.x
-        for blk in self.noise_refiner:
-            h = self.run_block(blk, h, px.rope, px.mask, temb)
-        pc = pack(list(caps), list(cap_ids), cfg.axes_dims, cfg.rope_theta)
-        c = pc.x
-        for blk in self.context_refiner:
-            c = self.run_block(blk, c, pc.rope, pc.mask)
+    def backbone(self, runs: dict[str, Tokens], order: tuple[str, ...], temb, targets, run: BlockRun | None):
+        """The skeleton both paths share. ``runs``: image, caption (and siglip) tokens per sample; ``order``: their
+        order in the unified sequence; ``temb``: the time embedding, or (noisy, clean) for per-token time;
+        ``targets``: per sample (offset in its image run, tokens, H, W) of the image to predict."""
+        run = run or BlockRun()
+        stages = {"image": "noise_refiner", "caption": "context_refiner", "siglip": "siglip_refiner"}
+        refined = {}
+        for kind, tok in runs.items():
+            p = pack(tok, self.cfg.axes_dims, self.cfg.rope_theta)
+            spans = [{"image": slice(o, o + n)} if kind == "image" else {"caption": slice(0, m)} if kind == "caption" else {}
+                     for (o, n, _, _), m in zip(targets, p.lengths)]
+            h = self._stage(stages[kind], p, temb if kind == "image" else None, run, spans)
+            refined[kind] = Tokens(p.unpack(h), tok.ids, tok.noisy)
+        spans = []
+        for i, (o, n, _, _) in enumerate(targets):
+            starts = dict(zip(order, [0, *itertools.accumulate(len(refined[k].x[i]) for k in order)]))
+            spans.append({"image": slice(starts["image"] + o, starts["image"] + o + n),
+                          "caption": slice(starts["caption"], starts["caption"] + len(refined["caption"].x[i]))})
+        pu = pack(join([refined[k] for k in order]), self.cfg.axes_dims, self.cfg.rope_theta)
+        mod = self._modulation(temb, pu)
+        u = self.final_layer(self._stage("layers", pu, temb, run, spans), mod)
+        return [self.unpatchify(u[i, s["image"]], hh, ww) for i, (s, (_, _, hh, ww)) in enumerate(zip(spans, targets))]
 
-        seqs = [torch.cat([a, b]) for a, b in zip(px.unpack(h), pc.unpack(c))]
-        ids = [torch.cat([a, b]) for a, b in zip(x_ids, cap_ids)]
-        pu = pack(seqs, ids, cfg.axes_dims, cfg.rope_theta)
-        u = pu.x
-        for blk in self.layers:
-            u = self.run_block(blk, u, pu.rope, pu.mask, temb)
-        u = self.final_layer(u, temb)
+    @staticmethod
+    def _modulation(temb, p: Packed):
+        return temb if p.noisy is None else (*temb, p.noisy)
 
-        out = [self.unpatchify(u[i, :n], img.shape[1], img.shape[2]) for i, (n, img) in enumerate(zip(n_img, images))]
-        if isinstance(x, (list, tuple)):
-            return out
-        return torch.stack(out)
+    def _stage(self, name: str, p: Packed, temb, run: BlockRun, spans) -> torch.Tensor:
+        mod = None if temb is None else self._modulation(temb, p)
+        x = p.x
+        for i, blk in enumerate(getattr(self, name)):
+            x = run(self.executor, BlockCall(name, i, blk, x, p.rope, p.mask, mod, spans))
+        return x

@@ -6,6 +6,7 @@ different statistics. Here the network runs layer by layer: whole-image activati
 image, and each convolution is computed tile by tile from a window with a one-pixel halo. The result
 equals the untiled pass up to rounding; only one tile's intermediate tensors live on the compute device.
 The mid-block (with its global attention) runs untiled at 1/8 resolution, where it is small.
+The modules are autoencoder.py's (``AutoEncoder``, ``Level``, ``ResnetBlock``); this file only walks them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .autoencoder import AutoEncoder, Level, ResnetBlock
 
 
 def _spans(n: int, tile: int) -> list[tuple[int, int]]:
@@ -75,7 +74,7 @@ def conv_tiled(conv: nn.Conv2d, x: torch.Tensor, tile: int, dev, store, pre=None
     return out
 
 
-def resnet_tiled(blk: ResnetBlock, x: torch.Tensor, tile: int, dev, store) -> torch.Tensor:
+def resnet_tiled(blk: nn.Module, x: torch.Tensor, tile: int, dev, store) -> torch.Tensor:
     st1 = group_stats(x, blk.norm1, tile, dev)
     h = conv_tiled(blk.conv1, x, tile, dev, store, pre=lambda t: _normalize(t, blk.norm1, st1))
     st2 = group_stats(h, blk.norm2, tile, dev)
@@ -85,7 +84,7 @@ def resnet_tiled(blk: ResnetBlock, x: torch.Tensor, tile: int, dev, store) -> to
     return h.add_(conv_tiled(blk.nin_shortcut, x, tile, dev, store))
 
 
-def _level(level: Level, x, tile, dev, store):
+def _level(level: nn.Module, x, tile, dev, store):
     for blk in level.block:
         x = resnet_tiled(blk, x, tile, dev, store)
     if level.resample_name == "upsample":
@@ -96,7 +95,7 @@ def _level(level: Level, x, tile, dev, store):
 
 
 @torch.inference_mode()
-def decode_tiled(ae: AutoEncoder, z: torch.Tensor, tile: int) -> torch.Tensor:
+def decode_tiled(ae: nn.Module, z: torch.Tensor, tile: int) -> torch.Tensor:
     """Raw latents → decoder output in [-1, 1] (fp32, on the store device); ``tile`` in output pixels."""
     dev = ae.device
     store = torch.device("cpu") if dev.type != "cpu" else dev
@@ -112,7 +111,7 @@ def decode_tiled(ae: AutoEncoder, z: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_moments_tiled(ae: AutoEncoder, x: torch.Tensor, tile: int) -> torch.Tensor:
+def encode_moments_tiled(ae: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
     """Images in [-1, 1] → encoder output (mean and log-variance), tile by tile; ``tile`` in input pixels."""
     dev = ae.device
     store = torch.device("cpu") if dev.type != "cpu" else dev

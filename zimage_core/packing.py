@@ -1,0 +1,82 @@
+"""Sequence packing: per-sample token runs of different lengths → one B×S×D batch with RoPE and a key mask.
+
+Z-Image pads every run (image patches, caption, SigLIP) to a multiple of 32 with a learned pad token;
+those pads are attended to. Only the padding *between* samples of different lengths is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import rope_angles, rope_freqs
+
+SEQ_MULTIPLE = 32
+
+
+def pad_to_multiple(n: int, m: int = SEQ_MULTIPLE) -> int:
+    return n + (-n) % m
+
+
+def grid_ids(h: int, w: int, first, device) -> torch.Tensor:
+    """Position ids (first, y, x) of an h×w token grid, row-major (h·w × 3, long)."""
+    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([torch.full_like(yy, first), yy, xx], -1).reshape(h * w, 3)
+
+
+@dataclass
+class Tokens:
+    """Per sample: one token run (Lᵢ×D), its position ids (Lᵢ×3) and, for Omni, noise flags (Lᵢ bool;
+    True = noisy target, False = clean reference)."""
+
+    x: list[torch.Tensor]
+    ids: list[torch.Tensor]
+    noisy: list[torch.Tensor] | None = None
+
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.x]
+
+
+@dataclass
+class Packed:
+    """Runs of different lengths stacked into one B×S×D batch, with their rope, key mask and noise flags."""
+
+    x: torch.Tensor
+    rope: torch.Tensor
+    mask: torch.Tensor | None
+    noisy: torch.Tensor | None
+    lengths: list[int]
+
+    def unpack(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[i, :n] for i, n in enumerate(self.lengths)]
+
+
+def _stack(seqs: list[torch.Tensor], n: int) -> torch.Tensor:
+    if all(len(s) == n for s in seqs):
+        return torch.stack(seqs)
+    out = seqs[0].new_zeros(len(seqs), n, *seqs[0].shape[1:])
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def pack(tok: Tokens, axes_dims, theta: float) -> Packed:
+    """Stack per-sample runs; mask only between-sample padding; RoPE in fp32 (fp64 for fp64 tokens)."""
+    lengths = tok.lengths()
+    n = max(lengths)
+    x, pid = _stack(tok.x, n), _stack(tok.ids, n)
+    mask = None
+    if any(length != n for length in lengths):
+        mask = torch.arange(n, device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
+    noisy = None if tok.noisy is None else _stack(tok.noisy, n)
+    ang = rope_angles(pid, axes_dims, theta, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return Packed(x, rope_freqs(ang)[:, None], mask, noisy, lengths)
+
+
+def join(parts: list[Tokens]) -> Tokens:
+    """Per sample, the runs of ``parts`` one after another (the unified sequence)."""
+    b = len(parts[0].x)
+    cat = lambda get: [torch.cat([get(p)[i] for p in parts]) for i in range(b)]  # noqa: E731
+    noisy = None if parts[0].noisy is None else cat(lambda p: p.noisy)
+    return Tokens(cat(lambda p: p.x), cat(lambda p: p.ids), noisy)
