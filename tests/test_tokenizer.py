@@ -1,15 +1,15 @@
 """Our tokenizer (the `tokenizers` library on the Qwen files) against transformers' Qwen2Tokenizer."""
 
+import glob
+import json
 import logging
 import os
 import shutil
-import sys
-import types
 
 import pytest
 
 from zimage_core import ZImageError
-from zimage_core.tokenizer import TEMPLATE, PromptTokenizer, find_tokenizer_dir
+from zimage_core.tokenizer import BUNDLED, TEMPLATE, PromptTokenizer, find_tokenizer_dir
 
 CORPUS = [
     "a photo of an astronaut riding a horse on the moon, highly detailed, 8k",
@@ -73,8 +73,6 @@ def _copy(src, dst):
 
 def test_search_order(tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("ZIMAGE_TOKENIZER", raising=False)
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.delitem(sys.modules, "comfy", raising=False)
     # explicit path wins
     assert find_tokenizer_dir(tokenizer_dir, str(tmp_path)) == tokenizer_dir
     # HF model folder: <root>/tokenizer beside <root>/text_encoder
@@ -83,25 +81,48 @@ def test_search_order(tokenizer_dir, tmp_path, monkeypatch):
     _copy(tokenizer_dir, str(hf / "tokenizer"))
     assert find_tokenizer_dir(None, str(hf / "text_encoder")) == str(hf / "tokenizer")
     assert find_tokenizer_dir(None, str(hf)) == str(hf / "tokenizer")
-    # inside ComfyUI: its bundled copy (found from the already-imported comfy package, never imported by us)
-    fake = tmp_path / "ComfyUI" / "comfy"
-    _copy(tokenizer_dir, str(fake / "text_encoders" / "qwen25_tokenizer"))
+    # a lone split file (ComfyUI's text_encoders/qwen_3_4b.safetensors): the environment, then the package's copy
     lone = tmp_path / "models" / "text_encoders"
     lone.mkdir(parents=True)
-    with pytest.raises(ZImageError, match="tokenizer files were not found"):
+    assert find_tokenizer_dir(None, str(lone / "qwen_3_4b.safetensors")) == BUNDLED
+    monkeypatch.setenv("ZIMAGE_TOKENIZER", str(hf / "tokenizer"))
+    assert find_tokenizer_dir(None, str(lone / "qwen_3_4b.safetensors")) == str(hf / "tokenizer")
+    monkeypatch.setenv("ZIMAGE_TOKENIZER", str(tmp_path))
+    with pytest.raises(ZImageError, match="ZIMAGE_TOKENIZER=.*fix or unset it"):
         find_tokenizer_dir(None, str(lone / "qwen_3_4b.safetensors"))
-    mod = types.ModuleType("comfy")
-    mod.__path__ = [str(fake)]
-    monkeypatch.setitem(sys.modules, "comfy", mod)
-    assert find_tokenizer_dir(None, str(lone / "qwen_3_4b.safetensors")) == str(fake / "text_encoders" / "qwen25_tokenizer")
-
-
-def test_missing_tokenizer_message_says_where(tmp_path, monkeypatch):
-    monkeypatch.delenv("ZIMAGE_TOKENIZER", raising=False)
-    monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    monkeypatch.delitem(sys.modules, "comfy", raising=False)
-    with pytest.raises(ZImageError) as e:
-        find_tokenizer_dir(None, str(tmp_path / "te.safetensors"))
-    assert "vocab.json, merges.txt" in str(e.value) and "Tongyi-MAI/Z-Image-Turbo" in str(e.value)
     with pytest.raises(ZImageError, match="has no tokenizer.json"):
         find_tokenizer_dir(str(tmp_path))
+
+
+def test_bundled_files_are_package_data():
+    """An installed (non-editable) package carries the vocabulary: pyproject lists it as package data."""
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["zimage_core"]
+    assert os.path.dirname(BUNDLED) == os.path.join(root, "zimage_core")
+    names = {os.path.basename(p) for pat in data for p in glob.glob(os.path.join(root, "zimage_core", pat))}
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= names
+
+
+def test_padded_tokenizer_json_encodes_like_diffusers(tokenizer_dir, tmp_path):
+    """save_pretrained after a padded call writes padding/truncation into tokenizer.json (fine-tuned diffusers
+    folders have it); diffusers' encode_prompt pads to 512 and keeps the attended tokens, and so must we."""
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf_tokenizer._tokenizer.enable_padding(length=512, pad_id=151643, pad_token="<|endoftext|>")
+    hf_tokenizer._tokenizer.enable_truncation(max_length=300)
+    folder = tmp_path / "tokenizer"
+    hf_tokenizer.save_pretrained(str(folder))
+    saved = json.load(open(folder / "tokenizer.json"))
+    assert saved["padding"] is not None and saved["truncation"] is not None  # the trap is really in the file
+    ours = PromptTokenizer(str(folder))
+    for text in (CORPUS[0], CORPUS[3], "a very long prompt " * 200):
+        prompt = TEMPLATE.format(text)
+        # diffusers ZImagePipeline._encode_prompt: padding="max_length", max_length=512, truncation=True,
+        # then prompt_embeds[i][prompt_masks[i]]
+        ref = hf_tokenizer(prompt, padding="max_length", max_length=512, truncation=True)
+        kept = [t for t, m in zip(ref.input_ids, ref.attention_mask) if m]
+        assert ours([text])[0][0] == kept

@@ -1,12 +1,15 @@
 """The Qwen byte-level BPE tokenizer (through the ``tokenizers`` library); prompts are cut at 512 tokens.
-The template a prompt is wrapped in lives in templates.py."""
+The template a prompt is wrapped in lives in templates.py.
+
+The Qwen vocabulary ships inside the package (``qwen_tokenizer/``, Apache-2.0, from Qwen/Qwen3-4B), so the
+standalone command runs with ComfyUI's split files on a machine without ComfyUI or an HF folder.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
@@ -20,6 +23,7 @@ MAX_TOKENS = 512
 PAD_ID = 151643  # <|endoftext|>
 _SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 _NEEDED = ("vocab.json", "merges.txt")
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen_tokenizer")
 
 
 def _has_files(folder: str | None) -> bool:
@@ -28,24 +32,8 @@ def _has_files(folder: str | None) -> bool:
     )
 
 
-def comfyui_tokenizer_dir() -> str | None:
-    """The Qwen tokenizer ComfyUI ships, when we run inside ComfyUI (found without importing it)."""
-    roots = []
-    comfy = sys.modules.get("comfy")
-    if comfy is not None and getattr(comfy, "__path__", None):
-        roots.append(list(comfy.__path__)[0])
-    if os.environ.get("COMFYUI_PATH"):
-        roots.append(os.path.join(os.environ["COMFYUI_PATH"], "comfy"))
-    for r in roots:
-        d = os.path.join(r, "text_encoders", "qwen25_tokenizer")
-        if _has_files(d):
-            return d
-    return None
-
-
 def find_tokenizer_dir(explicit: str | None = None, model_path: str | None = None) -> str:
-    """Explicit path → ``tokenizer/`` of an HF model folder → ComfyUI's bundled copy → error saying where to put it."""
-    tried = []
+    """Explicit path → ``tokenizer/`` of an HF model folder → ``ZIMAGE_TOKENIZER`` → the copy in this package."""
     if explicit:
         if _has_files(explicit):
             return explicit
@@ -55,29 +43,31 @@ def find_tokenizer_dir(explicit: str | None = None, model_path: str | None = Non
     if model_path:
         base = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
         for cand in (os.path.join(base, "tokenizer"), os.path.join(os.path.dirname(base), "tokenizer")):
-            tried.append(cand)
             if _has_files(cand):
                 return cand
     env = os.environ.get("ZIMAGE_TOKENIZER")
-    if env and _has_files(env):
+    if env:
+        if not _has_files(env):
+            raise ZImageError(f"ZIMAGE_TOKENIZER={env} has no tokenizer.json or vocab.json + merges.txt; fix or unset it.")
         return env
-    bundled = comfyui_tokenizer_dir()
-    if bundled:
-        return bundled
-    raise ZImageError(
-        "The Qwen tokenizer files were not found"
-        + (f" (looked in {', '.join(tried)})" if tried else "")
-        + ". Put vocab.json, merges.txt and tokenizer_config.json from the 'tokenizer' folder of "
-        "Tongyi-MAI/Z-Image-Turbo into a folder and pass it as tokenizer=..., or set ZIMAGE_TOKENIZER to it; "
-        "inside ComfyUI the copy in comfy/text_encoders/qwen25_tokenizer is used."
-    )
+    if not _has_files(BUNDLED):
+        raise ZImageError(f"The Qwen tokenizer files that ship with this package are missing from {BUNDLED}; reinstall it.")
+    return BUNDLED
 
 
 def build_tokenizer(folder: str) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to transformers' Qwen2Tokenizer for the same files."""
     tj = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(tj):
-        return Tokenizer.from_file(tj)
+        try:
+            tok = Tokenizer.from_file(tj)
+        except Exception as e:  # the Rust parser's own message says what is wrong
+            raise ZImageError(f"{tj} is not a readable tokenizer file ({e}). Download it again.") from None
+        # save_pretrained after a padded call stores padding/truncation in the file; diffusers' encode_prompt
+        # pads to 512 and keeps only the attended tokens, so the prompt's own tokens are what counts
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     merges = []
