@@ -7,7 +7,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from zimage_core.images import prepare_reference_image
+from zimage_core.images import crop_box, prepare_reference_image
 from zimage_core.templates import TEMPLATE_PROMPT, reference_segments
 
 from .conditioning import ENCODE_ACTIVATIONS
@@ -21,9 +21,7 @@ def _fit(image: torch.Tensor, auto_resize: bool) -> torch.Tensor:
     if auto_resize:
         img = prepare_reference_image(img)
     else:
-        w, h = img.size
-        left, top = (w % 16) // 2, (h % 16) // 2
-        img = img.crop((left, top, left + w // 16 * 16, top + h // 16 * 16))
+        img = img.crop(crop_box(*img.size))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 

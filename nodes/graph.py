@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import zimage_core as zc
+from zimage_core.images import crop_box
 from zimage_core.sampler import CondEntry
 from zimage_core.templates import assemble_segments
 
@@ -175,11 +176,8 @@ def fit_image(image: torch.Tensor, mode: str) -> torch.Tensor:
     elif mode == "resize":
         th, tw = max(16, round(h / 16) * 16), max(16, round(w / 16) * 16)
     else:
-        th, tw = h // 16 * 16, w // 16 * 16
-        if th < 16 or tw < 16:
-            raise zc.ZImageError(f"the image is {w}×{h}; it needs at least 16 pixels per side.")
-        y, x = (h - th) // 2, (w - tw) // 2
-        return image[:, y : y + th, x : x + tw]
+        x0, y0, x1, y1 = crop_box(w, h)
+        return image[:, y0:y1, x0:x1]
     if (th, tw) == (h, w):
         return image
     return F.interpolate(image.movedim(-1, 1), size=(th, tw), mode="bicubic", align_corners=False).clamp(0, 1).movedim(1, -1)
@@ -192,9 +190,8 @@ def fit_mask(mask: torch.Tensor, image_hw: tuple[int, int], fitted_hw: tuple[int
         raise zc.ZImageError(f"the mask is {m.shape[-1]}×{m.shape[-2]} but the image is {image_hw[1]}×{image_hw[0]}; "
                              "they must be the same size.")
     if mode == "crop":
-        (h, w), (th, tw) = image_hw, fitted_hw
-        y, x = (h - th) // 2, (w - tw) // 2
-        return m[:, y : y + th, x : x + tw]
+        x0, y0, x1, y1 = crop_box(image_hw[1], image_hw[0])
+        return m[:, y0:y1, x0:x1]
     return F.interpolate(m[:, None], size=fitted_hw, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -234,10 +231,38 @@ def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> tuple[i
     return steps, cfg, shift
 
 
+@dataclass
+class SamplingJob:
+    """One sampler run, with its inputs read from the graph once: noise B×16×h×w, conditioning entries,
+    sigmas, init latents and mask (image-to-image / inpainting), and the LATENT's other keys to pass on."""
+
+    noise: torch.Tensor
+    positive: list[CondEntry]
+    negative: list[CondEntry] | None
+    sigmas: torch.Tensor
+    init: torch.Tensor | None
+    mask: torch.Tensor | None
+    settings: SamplerSettings
+    extra: dict
+
+    def run(self, model, callback: Callable[[zc.Step], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+        """LATENT out in raw VAE space, as core VAEDecode expects."""
+        s = self.settings
+        x = zc.sample(model, self.noise, self.positive, self.negative, sigmas=self.sigmas, cfg=s.cfg,
+                      cfg_normalization=s.cfg_normalization, cfg_truncation=s.cfg_truncation, init_latents=self.init,
+                      mask=self.mask, shift=s.shift, callback=callback, cancel=cancel)
+        return {**self.extra, "samples": zc.from_model_space(x).cpu()}
+
+
 def sample_latent(model, positive: list, negative: list | None, latent: dict, s: SamplerSettings,
                   callback: Callable[[zc.Step], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
-    """The sampler node: LATENT in (empty → text-to-image; encoded → image-to-image at ``denoise``; with a
-    noise_mask → inpainting), LATENT out in raw VAE space, as core VAEDecode expects."""
+    """The sampler node in one call: ``prepare_sampling`` then ``SamplingJob.run``."""
+    return prepare_sampling(model, positive, negative, latent, s).run(model, callback, cancel)
+
+
+def prepare_sampling(model, positive: list, negative: list | None, latent: dict, s: SamplerSettings) -> SamplingJob:
+    """LATENT in (empty → text-to-image; encoded → image-to-image at ``denoise``; with a noise_mask →
+    inpainting) and CONDITIONING → the job, checked against ``model``."""
     raw, empty = latent_samples(latent)
     b, _, h, w = raw.shape
     pos = entries_from_conditioning(positive, "positive")
@@ -257,11 +282,7 @@ def sample_latent(model, positive: list, negative: list | None, latent: dict, s:
         init = zc.to_model_space(raw)
     m = latent_noise_mask(mask, h, w, b) if mask is not None else None
     noise = zc.comfy_noise((b, 16, h, w), s.seed, latent.get("batch_index"))
-    x = zc.sample(model, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
-                  cfg_truncation=s.cfg_truncation, init_latents=init, mask=m, shift=s.shift, callback=callback, cancel=cancel)
-    out = {k: v for k, v in latent.items() if k != "samples"}
-    out["samples"] = zc.from_model_space(x).cpu()
-    return out
+    return SamplingJob(noise, pos, neg, sig, init, m, s, {k: v for k, v in latent.items() if k != "samples"})
 
 
 class StepTimer:

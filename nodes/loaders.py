@@ -10,12 +10,13 @@ from comfy_api.latest import io
 
 import zimage_core as zc
 from zimage_core.attention import BACKENDS
+from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
+from zimage_core.offload import MODES
 
 from .memory import Handle, cached_load, compute_dtype, storage_dtype
 from .types import ZImageModel, ZImageTextEncoder
 
-WEIGHT_DTYPES = ["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
-OFFLOAD_MODES = ["auto", "budget", "resident", "min_vram"]
+WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
 
 
 def model_choices(folder: str, marker: str) -> list[str]:
@@ -70,7 +71,7 @@ class ZImageModelLoader(io.ComfyNode):
                 io.Combo.Input("attention", options=["auto", *BACKENDS], default="auto",
                                tooltip="Attention kernel: sdpa (PyTorch, always available), flash (flash-attn) or sage "
                                        "(SageAttention) when installed; auto picks the fastest installed."),
-                io.Combo.Input("offload", options=OFFLOAD_MODES, default="auto",
+                io.Combo.Input("offload", options=list(MODES), default="auto",
                                tooltip="auto: keep as many blocks on the GPU as ComfyUI's free VRAM allows, stream the rest. "
                                        "budget: use at most vram_budget_gb. resident: everything on the GPU. "
                                        "min_vram: stream every block (slowest, smallest)."),
@@ -111,7 +112,7 @@ class ZImageTextEncoderLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", "text_encoder"),
                                tooltip="qwen_3_4b.safetensors (or its fp8 variant) from models/text_encoders, or an HF folder (name/)."),
-                io.Combo.Input("weight_dtype", options=["auto", "bf16", "fp16", "fp32", "fp8_e4m3fn"], default="auto",
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES[:-1], default="auto",
                                tooltip="auto: bf16 compute, weights as stored. fp8_e4m3fn stores weights in fp8 (4 GB instead of 8)."),
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
                                tooltip="cpu: encode on the CPU (slow, no VRAM at all)."),

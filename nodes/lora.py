@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import folder_paths
 from comfy_api.latest import io
@@ -14,15 +15,17 @@ from zimage_core.lora import LoraFile, read_lora
 from .types import ZImageModel
 
 log = logging.getLogger("zimage")
-_PARSED: dict[tuple, LoraFile] = {}
+# module → {file identity: parsed file}; an entry dies with its module (and frees the file's memory maps)
+_PARSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def parsed(path: str, module) -> LoraFile:
     st = os.stat(path)
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, id(module))
-    if key not in _PARSED:
-        _PARSED[key] = read_lora(path, module)
-    return _PARSED[key]
+    per = _PARSED.setdefault(module, {})
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in per:
+        per[key] = read_lora(path, module)
+    return per[key]
 
 
 class ZImageLoraLoader(io.ComfyNode):

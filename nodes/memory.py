@@ -18,6 +18,7 @@ import comfy.model_management as mm
 import torch
 from comfy.model_patcher import ModelPatcher
 
+from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
 from zimage_core.offload import GB, BlockStreamer, module_bytes, plan_offload
 
 log = logging.getLogger("zimage")
@@ -158,13 +159,13 @@ def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> H
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """The compute dtype for a loader's dtype choice: bf16 where supported (fp16 overflows on Z-Image), else fp32."""
-    if choice in ("bf16", "fp16", "fp32"):
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[choice]
+    if choice in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[choice]
     if mm.is_device_cpu(device):
         return torch.float32 if choice == "auto" else torch.bfloat16
     return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
 
 
 def storage_dtype(choice: str) -> torch.dtype | None:
-    return {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(choice)
+    return STORAGE_DTYPES.get(choice)
 

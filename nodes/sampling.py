@@ -13,7 +13,7 @@ from comfy_api.latest import io
 import zimage_core as zc
 from zimage_core.offload import activation_bytes
 
-from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, latent_samples, resolve_preset, sample_latent
+from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
 from .routes import confirmed_plan
 from .types import ZImageModel
 
@@ -74,9 +74,9 @@ class ZImageSampler(io.ComfyNode):
                 cfg_normalization=0.0, cfg_truncation=1.0) -> io.NodeOutput:
         steps, cfg, shift = resolve_preset(preset, steps, cfg, shift)
         settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation)
-        raw, _ = latent_samples(latent_image)
-        b, _, h, w = raw.shape
         dit = model.module
+        job = prepare_sampling(dit, positive, negative, latent_image, settings)
+        b, _, h, w = job.noise.shape
         model.activate()
         model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
         previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())
@@ -93,8 +93,7 @@ class ZImageSampler(io.ComfyNode):
         _send("zimage.plan", {"node": node, "model": os.path.basename(model.path.rstrip("/")), "plan": plan,
                               "device": str(model.patcher.load_device)})
         try:
-            out = sample_latent(dit, positive, negative, latent_image, settings, callback=on_step,
-                                cancel=mm.processing_interrupted)
+            out = job.run(dit, callback=on_step, cancel=mm.processing_interrupted)
         except zc.ZImageInterrupted:
             mm.throw_exception_if_processing_interrupted()
             raise

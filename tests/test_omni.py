@@ -5,7 +5,7 @@ import torch
 from tiny import diffusers_transformer, rel_err, sample_picture, save_comfyui, tiny_qwen, tiny_vae, write_models_dir
 
 import zimage_core as zc
-from zimage_core.templates import prompt_segments
+from zimage_core.templates import TEMPLATE, TEMPLATE_PROMPT, assemble_segments, reference_segments
 
 SIG = 24
 
@@ -67,6 +67,13 @@ def test_siglip_refused_without_omni_weights(tmp_path):
     with torch.no_grad():  # reference latents alone also condition today's Turbo/Base models
         out = plain.forward_omni(x, t, caps, image_noise_mask=nm)
     assert out[0].shape == (16, 8, 8) and torch.isfinite(out[1]).all()
+
+
+def prompt_segments(prompt: str, n_images: int) -> list[str]:
+    """The strings we encode separately for a prompt with ``n_images`` reference images (as the pipeline builds them)."""
+    if n_images == 0:
+        return [TEMPLATE.format(prompt)]
+    return assemble_segments(reference_segments(n_images), TEMPLATE_PROMPT.format(prompt))
 
 
 def test_prompt_segments_match_the_reference():

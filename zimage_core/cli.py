@@ -13,8 +13,9 @@ from dataclasses import asdict
 import torch
 
 from .errors import ZImageError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .images import crop_box, prepare_reference_image
+from .loader import COMPUTE_DTYPES
+from .offload import MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vae")
     g.add_argument("--tokenizer", help="folder with the Qwen tokenizer files (vocab.json, merges.txt)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH", help="apply a LoRA (repeatable)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    g.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="bf16")
     g.add_argument("--fp8", action="store_true", help="store the transformer's weights in fp8 (half the memory)")
-    g.add_argument("--offload", choices=["auto", "budget", "resident", "min_vram"], default="auto",
+    g.add_argument("--offload", choices=MODES, default="auto",
                    help="GPU memory plan: auto fits free VRAM, budget uses --vram-budget, resident keeps all, min_vram streams all")
     g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,20 +90,18 @@ def generate(a) -> list[str]:
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
     refs = [Image.open(p).convert("RGB") for p in a.reference]
     if refs and a.width is None and a.height is None:
-        from .images import prepare_reference_image
-
         a.width, a.height = prepare_reference_image(refs[-1]).size
     mask = Image.open(a.mask) if a.mask else None
     width, height = a.width, a.height
     if init is not None and width is None and height is None:
         width, height = init.size
         if width % 16 or height % 16:
-            w16, h16 = width // 16 * 16, height // 16 * 16
-            logging.warning("init image %dx%d is not a multiple of 16; center-cropping it to %dx%d", width, height, w16, h16)
-            left, top = (width - w16) // 2, (height - h16) // 2
-            init = init.crop((left, top, left + w16, top + h16))
-            mask = mask.crop((left, top, left + w16, top + h16)) if mask is not None and mask.size == (width, height) else mask
-            width, height = w16, h16
+            box = crop_box(width, height)
+            logging.warning("init image %dx%d is not a multiple of 16; center-cropping it to %dx%d", width, height,
+                            box[2] - box[0], box[3] - box[1])
+            init = init.crop(box)
+            mask = mask.crop(box) if mask is not None and mask.size == (width, height) else mask
+            width, height = init.size
     settings = GenerationSettings(
         prompt=a.prompt, negative_prompt=a.negative_prompt, width=width or 1024, height=height or 1024, steps=a.steps,
         cfg=a.cfg, shift=a.shift, seed=a.seed, batch_size=a.batch_size, preset=a.preset,
@@ -110,7 +109,7 @@ def generate(a) -> list[str]:
     )
     t0 = time.perf_counter()
     with tqdm(total=3, desc="loading", unit="model", disable=None) as bar:
-        pipe = ZImagePipeline.from_paths(paths, dtype=DTYPES[a.dtype], device=a.device, offload=a.offload,
+        pipe = ZImagePipeline.from_paths(paths, dtype=COMPUTE_DTYPES[a.dtype], device=a.device, offload=a.offload,
                                          vram_budget_gb=a.vram_budget,
                                          storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
         bar.update(3)

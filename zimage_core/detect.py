@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# Prefixes that wrap a bare state dict in the files people have.
-WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "unet.")
-
 
 def strip_prefix(keys: list[str], candidates: tuple[str, ...], anchor: str) -> str:
     """Return the prefix that, removed, makes ``anchor`` a key ('' if it already is one or none fits)."""

@@ -28,6 +28,11 @@ class Source:
     view: tuple[int, ...] | None = None  # reshape after reading (e.g. a linear stored for a 1×1 conv)
 
 
+# The dtype names users choose from (CLI, loader nodes): compute dtypes, and storage-only fp8 types.
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORAGE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
 def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     if requested is not None:
         return requested

@@ -26,11 +26,12 @@ from torch import nn
 
 from .errors import ZImageError
 from .layers import FP8_DTYPES, Linear
+from .layouts import WRAPPER_PREFIXES, diffusers_names
 from .safetensors_io import open_weights
 
 log = logging.getLogger("zimage")
 
-PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.", "pipe.dit.", "dit.", "model.")
+PREFIXES = ("base_model.model.", *WRAPPER_PREFIXES, "pipe.dit.", "dit.")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
 PARAMS = (
     "lora_A.default.weight", "lora_B.default.weight", "lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight",
@@ -86,20 +87,9 @@ def _aliases(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
     for name, m in model.named_modules():
         if not isinstance(m, Linear):
             continue
-        names = {name: None}
-        if name.endswith("attention.qkv"):
-            base = name[: -len("qkv")]
-            for i, p in enumerate("qkv"):
-                names[f"{base}to_{p}"] = (i * dim, (i + 1) * dim)
-        if name.endswith("attention.out"):
-            names[name[: -len("out")] + "to_out.0"] = None
-        if name == "x_embedder":
-            names["all_x_embedder.2-1"] = None
-        if name.startswith("final_layer."):
-            names["all_final_layer.2-1." + name[len("final_layer."):]] = None
-        for n, rows in names.items():
-            out[n] = (name, rows)
-            out[n.replace(".", "_")] = (name, rows)
+        for n, part in [(name, None), *diffusers_names(name)]:
+            rows = None if part is None else (part * dim, (part + 1) * dim)
+            out[n] = out[n.replace(".", "_")] = (name, rows)
     return out
 
 

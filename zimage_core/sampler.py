@@ -17,7 +17,7 @@ import torch
 
 from .blocks import BlockRun
 from .errors import ZImageError, ZImageInterrupted
-from .schedule import model_time
+from .schedule import model_time, percent_to_sigma
 
 log = logging.getLogger("zimage")
 
@@ -46,14 +46,7 @@ class CondEntry:
     siglip: list | None = None  # Omni: per latent, a list of SigLIP H×W×C features (None per slot allowed), or None
 
     def active(self, sigma: float, shift: float) -> bool:
-        def percent_to_sigma(p: float) -> float:  # as ComfyUI's ModelSamplingDiscreteFlow
-            if p <= 0:
-                return 1.0
-            if p >= 1:
-                return 0.0
-            return shift * (1 - p) / (1 + (shift - 1) * (1 - p))
-
-        return percent_to_sigma(self.end) - 1e-6 <= sigma <= percent_to_sigma(self.start) + 1e-6
+        return percent_to_sigma(self.end, shift) - 1e-6 <= sigma <= percent_to_sigma(self.start, shift) + 1e-6
 
 
 def _entries(cond, n: int, dev, what: str) -> list[CondEntry]:
@@ -125,6 +118,41 @@ def guide(pos: torch.Tensor, neg: torch.Tensor, g: float, normalization: float) 
     return torch.stack(out)
 
 
+@dataclass
+class Guidance:
+    """The (guided) prediction at one σ: the positive entries alone, or CFG against the negative ones — both
+    passes in one batch while memory allows (an out-of-memory error switches to one after another for good)."""
+
+    positive: list[CondEntry]
+    negative: list[CondEntry] | None
+    scale: float  # the reference's guidance_scale g (cfg − 1); 0 = no negative pass
+    normalization: float = 0.0
+    truncation: float = 1.0
+    shift: float = 3.0
+    batched: bool = True
+
+    def __call__(self, model, x: torch.Tensor, sigma: torch.Tensor, run: BlockRun) -> torch.Tensor:
+        b, dev = len(x), x.device
+        mt = model_time(sigma)
+        t = mt.to(dev).expand(b)
+        xin = x.to(model.compute_dtype)
+        pos = _active(self.positive, float(sigma), self.shift)
+        if self.negative is None or (self.truncation is not None and float(self.truncation) <= 1 and mt.item() > self.truncation):
+            return _predict(model, xin, t, pos, run)
+        neg = _active(self.negative, float(sigma), self.shift)
+        joint = _joint(pos[0], neg[0]) if self.batched and len(pos) == len(neg) == 1 else None
+        if joint is not None:
+            try:
+                out = _forward(model, torch.cat([xin, xin]), torch.cat([t, t]), joint, run)
+                return guide(out[:b], out[b:], self.scale, self.normalization)
+            except torch.OutOfMemoryError:
+                log.warning("Out of memory with the CFG passes batched; running them one after another.")
+                self.batched = False
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return guide(_predict(model, xin, t, pos, run), _predict(model, xin, t, neg, run), self.scale, self.normalization)
+
+
 def sample(
     model,
     noise: torch.Tensor,
@@ -158,69 +186,20 @@ def sample(
     n = len(sig) - 1
     if n < 1:
         raise ZImageError("the schedule has no step to run.")
-    pos_entries = _entries(positive, b, dev, "prompts")
-    g = float(cfg) - 1.0
-    use_cfg = g > 0
-    neg_entries = None
-    if use_cfg:
-        if negative is None:
-            raise ZImageError(f"cfg {cfg} needs a negative conditioning (an empty prompt is the usual choice).")
-        neg_entries = _entries(negative, b, dev, "negative prompts")
-        if len(pos_entries) == len(neg_entries) == 1 and pos_entries[0].refs is None and neg_entries[0].refs is None and all(
-            p.shape == q.shape and torch.equal(p, q) for p, q in zip(pos_entries[0].captions, neg_entries[0].captions)
-        ):
-            log.warning("The prompt and the negative prompt are identical, so CFG %.2f changes nothing; "
-                        "skipping the unconditional passes (set cfg to 1 to silence this).", cfg)
-            use_cfg = False
+    predict = _guidance(positive, negative, b, dev, cfg, cfg_normalization, cfg_truncation, shift, batch_cfg)
     noise = noise.to(dev, torch.float32)
-    init = None if init_latents is None else init_latents.to(dev, torch.float32).expand(b, -1, -1, -1)
-    if init is not None and init.shape[-2:] != noise.shape[-2:]:
-        raise ZImageError(f"init latents are {tuple(init.shape[-2:])} but the noise is {(h, w)}; they must match.")
-    if mask is not None:
-        if init is None:
-            raise ZImageError("a mask needs init latents (the image to inpaint).")
-        mask = mask.to(dev, torch.float32)
-        if mask.ndim == 3:
-            mask = mask[:, None]
-        if mask.shape[-2:] != (h, w):
-            raise ZImageError(f"the mask is {tuple(mask.shape[-2:])} in latent pixels but the latents are {(h, w)}; resize it to match.")
-
-    s0 = sig[0].to(dev)
-    x = s0 * noise + (1.0 - s0) * (init if init is not None else torch.zeros_like(noise))
-
-    def check():
+    init, mask = _inpaint_inputs(init_latents, mask, b, h, w, dev)
+    x = sig[0].to(dev) * noise + (1.0 - sig[0].to(dev)) * (init if init is not None else torch.zeros_like(noise))
+    run = BlockRun(cancel=cancel)  # the interrupt is checked before every block
+    for i in range(n):
         if cancel is not None and cancel():
             raise ZImageInterrupted("sampling was interrupted")
-
-    run = BlockRun(cancel=cancel)  # the interrupt is also checked between blocks
-    for i in range(n):
-        check()
-        s, s_next = sig[i], sig[i + 1]
-        t = model_time(s).to(dev).expand(b)
-        guided = use_cfg and not (cfg_truncation is not None and float(cfg_truncation) <= 1 and model_time(s).item() > cfg_truncation)
-        xin = x.to(model.compute_dtype)
-        pos_now = _active(pos_entries, float(s), shift)
-        neg_now = _active(neg_entries, float(s), shift) if guided else None
+        s, s_next = sig[i].to(dev), sig[i + 1].to(dev)
         with torch.inference_mode():
-            joint = _joint(pos_now[0], neg_now[0]) if guided and len(pos_now) == len(neg_now) == 1 else None
-            if joint is not None and batch_cfg:
-                try:
-                    out = _forward(model, torch.cat([xin, xin]), torch.cat([t, t]), joint, run)
-                    pred = guide(out[:b], out[b:], g, cfg_normalization)
-                except torch.OutOfMemoryError:
-                    log.warning("Out of memory with the CFG passes batched; running them one after another.")
-                    batch_cfg = False
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    pred = guide(_predict(model, xin, t, pos_now, run), _predict(model, xin, t, neg_now, run), g, cfg_normalization)
-            elif guided:
-                pred = guide(_predict(model, xin, t, pos_now, run), _predict(model, xin, t, neg_now, run), g, cfg_normalization)
-            else:
-                pred = _predict(model, xin, t, pos_now, run)
-        x_prev = x
-        x = x + (s_next - s).to(dev) * (-pred)
-        if mask is not None:
-            proper = init if i == n - 1 else s_next.to(dev) * noise + (1.0 - s_next.to(dev)) * init
+            pred = predict(model, x, sig[i], run)
+        x_prev, x = x, x + (s_next - s) * (-pred)
+        if mask is not None:  # the kept region follows the init image's own noise level
+            proper = init if i == n - 1 else s_next * noise + (1.0 - s_next) * init
             x = (1 - mask) * proper + mask * x
         if not torch.isfinite(x).all():
             raise ZImageError(
@@ -228,5 +207,40 @@ def sample(
                 f"{str(model.compute_dtype).replace('torch.', '')}. Run it in bf16 or fp32 (fp16 overflows on Z-Image)."
             )
         if callback is not None:
-            callback(Step(i, n, float(s), x, x_prev + s.to(dev) * pred))
+            callback(Step(i, n, float(sig[i]), x, x_prev + s * pred))
     return x
+
+
+def _guidance(positive, negative, b: int, dev, cfg: float, normalization: float, truncation: float, shift: float,
+              batched: bool) -> Guidance:
+    pos = _entries(positive, b, dev, "prompts")
+    g = float(cfg) - 1.0
+    if g <= 0:
+        return Guidance(pos, None, 0.0, normalization, truncation, shift, batched)
+    if negative is None:
+        raise ZImageError(f"cfg {cfg} needs a negative conditioning (an empty prompt is the usual choice).")
+    neg = _entries(negative, b, dev, "negative prompts")
+    if len(pos) == len(neg) == 1 and pos[0].refs is None and neg[0].refs is None and all(
+        p.shape == q.shape and torch.equal(p, q) for p, q in zip(pos[0].captions, neg[0].captions)
+    ):
+        log.warning("The prompt and the negative prompt are identical, so CFG %.2f changes nothing; "
+                    "skipping the unconditional passes (set cfg to 1 to silence this).", cfg)
+        return Guidance(pos, None, 0.0, normalization, truncation, shift, batched)
+    return Guidance(pos, neg, g, normalization, truncation, shift, batched)
+
+
+def _inpaint_inputs(init_latents, mask, b: int, h: int, w: int, dev):
+    """Init latents (B×16×h×w fp32) and mask (B×1×h×w) on the device, checked against the latent size."""
+    init = None if init_latents is None else init_latents.to(dev, torch.float32).expand(b, -1, -1, -1)
+    if init is not None and init.shape[-2:] != (h, w):
+        raise ZImageError(f"init latents are {tuple(init.shape[-2:])} but the noise is {(h, w)}; they must match.")
+    if mask is None:
+        return init, None
+    if init is None:
+        raise ZImageError("a mask needs init latents (the image to inpaint).")
+    mask = mask.to(dev, torch.float32)
+    if mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.shape[-2:] != (h, w):
+        raise ZImageError(f"the mask is {tuple(mask.shape[-2:])} in latent pixels but the latents are {(h, w)}; resize it to match.")
+    return init, mask

@@ -35,6 +35,15 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def percent_to_sigma(p: float, shift: float) -> float:
+    """ComfyUI's percent of the schedule (0 = start, 1 = end, in unshifted time) → σ, as its ModelSamplingDiscreteFlow."""
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0
+    return shift_sigmas(1 - p, shift)
+
+
 def sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     """steps+1 float32 sigmas from 1 to 0 (the last is the terminal 0)."""
     if steps < 1:

@@ -22,10 +22,3 @@ def reference_segments(n_images: int) -> list[str]:
 def assemble_segments(others: list, prompt_segment) -> list:
     """The reference's order: head, between…, the prompt's segment, tail (strings or their encodings alike)."""
     return [*others[:-1], prompt_segment, others[-1]]
-
-
-def prompt_segments(prompt: str, n_images: int) -> list[str]:
-    """The strings the reference encodes separately for a prompt with ``n_images`` reference images."""
-    if n_images == 0:
-        return [TEMPLATE.format(prompt)]
-    return assemble_segments(reference_segments(n_images), TEMPLATE_PROMPT.format(prompt))

@@ -2,54 +2,30 @@
 
 * ComfyUI single file: internal names as they are, optionally under ``model.diffusion_model.`` /
   ``diffusion_model.``; a stray ``norm_final.weight`` (written by some converters) is ignored.
-* diffusers (HF ``transformer/`` folder): ``all_x_embedder.2-1`` → ``x_embedder``, ``all_final_layer.2-1`` →
-  ``final_layer``, ``attention.to_q/to_k/to_v`` → one fused ``attention.qkv`` (q, k, v rows),
-  ``attention.to_out.0`` → ``attention.out``, ``attention.norm_q/norm_k`` → ``attention.q_norm/k_norm``.
+* diffusers (HF ``transformer/`` folder): renamed and with q, k, v split, as layouts.py maps it.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 
 from .attention import resolve_backend
 from .detect import describe, strip_prefix
 from .errors import ZImageError
+from .layouts import WRAPPER_PREFIXES, internal_name, split_qkv
 from .loader import Source, fill_module, storage_dtype_for
 from .quant import IGNORED_SUFFIXES, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .transformer import ZImageConfig, ZImageTransformer
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 IGNORED_KEYS = ("norm_final.weight", "scaled_fp8")
-
-_DIFFUSERS_RENAMES = [
-    (re.compile(r"^all_x_embedder\.2-1\."), "x_embedder."),
-    (re.compile(r"^all_final_layer\.2-1\."), "final_layer."),
-    (re.compile(r"\.attention\.to_out\.0\."), ".attention.out."),
-    (re.compile(r"\.attention\.norm_q\."), ".attention.q_norm."),
-    (re.compile(r"\.attention\.norm_k\."), ".attention.k_norm."),
-]
-_QKV = re.compile(r"^(.*)\.attention\.to_([qkv])\.weight$")
 
 
 def transformer_layout(keys: list[str]) -> tuple[str, str]:
     """(prefix, 'comfyui' | 'diffusers') of a Z-Image transformer key set."""
-    prefix = strip_prefix(keys, PREFIXES, "cap_embedder.1.weight")
+    prefix = strip_prefix(keys, WRAPPER_PREFIXES, "cap_embedder.1.weight")
     layout = "diffusers" if any(k.startswith(prefix + "all_x_embedder.") for k in keys) else "comfyui"
     return prefix, layout
-
-
-def internal_name(key: str, layout: str) -> str:
-    """Map one (prefix-free) file key to the internal name; to_q/to_k/to_v map to the fused qkv."""
-    if layout == "diffusers":
-        m = _QKV.match(key)
-        if m:
-            return f"{m.group(1)}.attention.qkv.weight"
-        for pat, rep in _DIFFUSERS_RENAMES:
-            key = pat.sub(rep, key)
-    return key
 
 
 def transformer_plan(files) -> tuple[dict[str, Source], list[str], str]:
@@ -66,15 +42,15 @@ def transformer_plan(files) -> tuple[dict[str, Source], list[str], str]:
         bare = k[len(prefix) :]
         if bare in IGNORED_KEYS or bare.endswith(IGNORED_SUFFIXES) or bare.endswith((".scale_weight", ".weight_scale")):
             continue
-        m = _QKV.match(bare) if layout == "diffusers" else None
-        if m:
-            qkv.setdefault(f"{m.group(1)}.attention.qkv.weight", {})[m.group(2)] = k
+        split = split_qkv(bare) if layout == "diffusers" else None
+        if split:
+            qkv.setdefault(split[0], {})[split[1]] = k
             continue
         sk = scale_key(files, k) if k.endswith(".weight") else None
-        plan[internal_name(bare, layout)] = Source([k], [sk])
+        plan[internal_name(bare) if layout == "diffusers" else bare] = Source([k], [sk])
     for name, parts in qkv.items():
-        if set(parts) == {"q", "k", "v"}:  # an incomplete set leaves the fused name missing, reported by the loader
-            ks = [parts["q"], parts["k"], parts["v"]]
+        if set(parts) == {0, 1, 2}:  # an incomplete set leaves the fused name missing, reported by the loader
+            ks = [parts[0], parts[1], parts[2]]
             plan[name] = Source(ks, [scale_key(files, k) for k in ks])
     return plan, unexpected, layout
 
