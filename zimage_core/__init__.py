@@ -6,6 +6,7 @@ Public API (see README): ``load_transformer``, ``load_text_encoder``, ``load_aut
 """
 
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
+from .blocks import BlockCall, BlockRun
 from .errors import ZImageError, ZImageInterrupted
 from .noise import comfy_noise
 from .pipeline import GenerationSettings, ZImagePipeline, find_weights
@@ -16,7 +17,7 @@ from .transformer import ZImageConfig, ZImageTransformer
 from .transformer_files import load_transformer
 
 __all__ = [
-    "AutoEncoder", "GenerationSettings", "PRESETS", "Qwen3PromptEncoder", "Step", "ZImageConfig", "ZImageError",
+    "AutoEncoder", "BlockCall", "BlockRun", "GenerationSettings", "PRESETS", "Qwen3PromptEncoder", "Step", "ZImageConfig", "ZImageError",
     "ZImageInterrupted", "ZImagePipeline", "ZImageTransformer", "comfy_noise", "find_weights", "from_model_space",
     "load_autoencoder", "load_text_encoder", "load_transformer", "sample", "sigmas", "start_index", "to_model_space",
 ]

@@ -109,7 +109,7 @@ def rope_freqs(angles: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers; x is B×H×S×D, freqs B×1×S×D/2 complex."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers; x is B×S×H×D, freqs B×S×1×D/2 complex."""
     dtype = x.dtype
     real = torch.float64 if freqs.dtype == torch.complex128 else torch.float32
     xc = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))

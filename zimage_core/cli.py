@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH", help="apply a LoRA (repeatable)")
     g.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="bf16")
     g.add_argument("--fp8", action="store_true", help="store the transformer's weights in fp8 (half the memory)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer's blocks (the first step compiles, later steps run faster)")
     g.add_argument("--offload", choices=MODES, default="auto",
                    help="GPU memory plan: auto fits free VRAM, budget uses --vram-budget, resident keeps all, min_vram streams all")
     g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
@@ -117,6 +119,8 @@ def generate(a) -> list[str]:
         from .lora import apply_lora_specs
 
         apply_lora_specs(pipe.transformer, a.lora)
+    if a.compile:
+        pipe.transformer.compile_blocks()
     load_s = time.perf_counter() - t0
     bar = tqdm(desc="sampling", unit="step", disable=None)
 

@@ -20,9 +20,9 @@ from .errors import ZImageError
 from .packing import SEQ_MULTIPLE, Tokens, grid_ids
 
 
-def _empty_slot(pad_token: torch.Tensor, dtype, dev):
+def _empty_slot(pad_token: torch.Tensor, dtype):
     """A missing image (or SigLIP map): one run of pad tokens at ids (0, 0, 0)."""
-    return pad_token.to(dtype).expand(SEQ_MULTIPLE, -1), torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.long, device=dev)
+    return pad_token.to(dtype).expand(SEQ_MULTIPLE, -1), torch.zeros(SEQ_MULTIPLE, 3, dtype=torch.long)
 
 
 def _captions(model, segments, flags, dev, dtype):
@@ -43,11 +43,11 @@ def _siglip(model, feats, sizes, ends, flags, dev, dtype):
     tok, ids, noisy = [], [], []
     for j, s in enumerate(feats):
         if s is None:
-            st, si = _empty_slot(model.siglip_pad_token, dtype, dev)
+            st, si = _empty_slot(model.siglip_pad_token, dtype)
         else:
             sh, sw, sc = s.shape
             flat = s.to(dev).permute(2, 0, 1).reshape(sh * sw, sc)  # the reference's flattening, kept exactly
-            st, si = model.padded(model.siglip_embedder(flat.to(dtype)), grid_ids(sh, sw, ends[j] + 1, dev), model.siglip_pad_token)
+            st, si = model.padded(model.siglip_embedder(flat.to(dtype)), grid_ids(sh, sw, ends[j] + 1), model.siglip_pad_token)
             if sizes[j] is not None:
                 hx, wx = sizes[j][0], sizes[j][1]
                 si = si.float()
@@ -78,7 +78,7 @@ def omni_tokens(model, x, captions, siglip=None, image_noise_mask=None):
                 it, ii, n = model.image_tokens(im.to(dev, dtype), ends[j])
                 sizes.append((im.shape[-2], im.shape[-1], n))
             else:
-                it, ii = _empty_slot(model.x_pad_token, dtype, dev)
+                it, ii = _empty_slot(model.x_pad_token, dtype)
                 sizes.append(None)
             tok.append(it), ids.append(ii), noisy.append(torch.full((len(it),), flags[j], device=dev))
         k = max(j for j, s in enumerate(sizes) if s is not None)

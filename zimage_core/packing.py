@@ -2,6 +2,9 @@
 
 Z-Image pads every run (image patches, caption, SigLIP) to a multiple of 32 with a learned pad token;
 those pads are attended to. Only the padding *between* samples of different lengths is masked.
+Position ids are host tensors (they are built from sizes, never from data); the RoPE table made from them
+is built once per layout and kept on the compute device, since a sampler asks for the same layout at
+every step — and its float64 angles then never run on a GPU.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ def pad_to_multiple(n: int, m: int = SEQ_MULTIPLE) -> int:
     return n + (-n) % m
 
 
-def grid_ids(h: int, w: int, first, device) -> torch.Tensor:
-    """Position ids (first, y, x) of an h×w token grid, row-major (h·w × 3, long)."""
-    yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+def grid_ids(h: int, w: int, first) -> torch.Tensor:
+    """Position ids (first, y, x) of an h×w token grid, row-major (h·w × 3, long, on the host)."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     return torch.stack([torch.full_like(yy, first), yy, xx], -1).reshape(h * w, 3)
 
 
@@ -70,8 +73,25 @@ def pack(tok: Tokens, axes_dims, theta: float) -> Packed:
     if any(length != n for length in lengths):
         mask = torch.arange(n, device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
     noisy = None if tok.noisy is None else _stack(tok.noisy, n)
-    ang = rope_angles(pid, axes_dims, theta, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return Packed(x, rope_freqs(ang)[:, None], mask, noisy, lengths)
+    return Packed(x, rope_table(pid, tuple(axes_dims), theta, x.dtype == torch.float64, x.device), mask, noisy, lengths)
+
+
+_ROPE: dict[tuple, torch.Tensor] = {}
+
+
+def rope_table(pid: torch.Tensor, axes_dims: tuple, theta: float, fp64: bool, device) -> torch.Tensor:
+    """B×S×1×D/2 unit complex RoPE factors (complex64, or complex128 for fp64) for host ids B×S×3, on ``device``."""
+    def build():
+        return rope_freqs(rope_angles(pid, axes_dims, theta, torch.float64 if fp64 else torch.float32)).to(device)[:, :, None]
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = (tuple(pid.shape), pid.numpy().tobytes(), axes_dims, theta, fp64, str(device))
+    if key not in _ROPE:
+        if len(_ROPE) >= 16:  # a few layouts are live at a time (CFG pairs, refiner and unified runs)
+            _ROPE.pop(next(iter(_ROPE)))
+        _ROPE[key] = build()
+    return _ROPE[key]
 
 
 def join(parts: list[Tokens]) -> Tokens:

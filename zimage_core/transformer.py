@@ -117,10 +117,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask):
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).transpose(1, 3).unbind(2)
-        q = apply_rope(self.q_norm(q), rope)
-        k = apply_rope(self.k_norm(k), rope)
-        o = attention(q, k, v, mask, self.backend)
+        # norm and rotate per token in the B×S×H×D layout the fused projection gives (no strided copies),
+        # then hand SDPA its B×H×S×D views
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
+        q = apply_rope(self.q_norm(q), rope).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), rope).transpose(1, 2)
+        o = attention(q, k, v.transpose(1, 2), mask, self.backend)
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -239,6 +241,11 @@ class ZImageTransformer(nn.Module):
         """All transformer blocks in execution order (what offloading streams)."""
         return [*self.noise_refiner, *self.context_refiner, *(self.siglip_refiner or ()), *self.layers]
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every block in place (names, weights and streaming unchanged); each new shape compiles once."""
+        for blk in self.blocks():
+            blk.compile(**options)
+
     def set_attention_backend(self, name: str) -> None:
         for m in self.modules():
             if isinstance(m, Attention):
@@ -267,7 +274,7 @@ class ZImageTransformer(nn.Module):
         """Embedded, padded image tokens and their ids (pos0, h, w); pads get the learned token and (0, 0, 0)."""
         p = self.cfg.patch_size
         _, h, w = img.shape
-        ids = grid_ids(h // p, w // p, pos0, img.device)
+        ids = grid_ids(h // p, w // p, pos0)
         tok, ids = self.padded(self.x_embedder(self.patchify(img)), ids, self.x_pad_token)
         return tok, ids, (h // p) * (w // p)
 
@@ -275,8 +282,8 @@ class ZImageTransformer(nn.Module):
         """Embedded, padded caption tokens; every slot (pads included) gets id (pos0 + k, 0, 0)."""
         tok = self.cap_embedder(cap)
         total = pad_to_multiple(len(cap))
-        ids = torch.zeros(total, 3, dtype=torch.long, device=cap.device)
-        ids[:, 0] = torch.arange(pos0, pos0 + total, device=cap.device)
+        ids = torch.zeros(total, 3, dtype=torch.long)
+        ids[:, 0] = torch.arange(pos0, pos0 + total)
         return self.padded(tok, ids, self.cap_pad_token, pad_ids=False)
 
     def time_embedding(self, t, n: int, value: float | None = None) -> torch.Tensor:
