@@ -1,9 +1,13 @@
-"""Transformer forward time against diffusers on the same weights, and peak memory while loading.
+"""Transformer forward time against diffusers and ComfyUI's native NextDiT on the same weights, and peak memory
+while loading.
 
-    python benchmarks/bench_transformer.py [--device cpu|cuda] [--repeats N] [--skip-load]
+    python benchmarks/bench_transformer.py [--device cpu|cuda] [--repeats N] [--skip-load] [--compile]
 
-Forward: a moderate config (dim 512, 4 layers, 2+2 refiners, 64×64 latent = 1024 image tokens,
-100 caption tokens), fp32 and bf16, batch 1; reports median seconds and the ratio ours / diffusers.
+Forward: dim 1024, 8 heads of 128, 4 layers, 2+2 refiners, 64×64 latent (1024 image tokens), 100 caption
+tokens, fp32 and bf16, batch 1; interleaved medians and the ratios ours / diffusers and ours / native.
+Native NextDiT is imported from ``COMFYUI_PATH`` (else ~/ComfyUI) and skipped with a message when that does
+not import (run with ComfyUI's own Python to include it); diffusers likewise. ``--compile`` adds ours with
+``compile_blocks()`` (inductor; the first call compiles and is not timed).
 Loading: writes a ≈1 GB bf16 checkpoint (ComfyUI layout and diffusers folder), loads it in a fresh
 process and reports peak RSS growth over the weights' bytes (load only, and after touching every
 weight with a forward pass).
@@ -12,6 +16,7 @@ weight with a forward pass).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -28,42 +33,95 @@ from tiny import diffusers_transformer, save_comfyui, save_diffusers_folder  # n
 
 import zimage_core as zc  # noqa: E402
 
-MODERATE = dict(dim=512, n_layers=4, n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=2560, axes_dims=[32, 48, 48])
+MODERATE = dict(dim=1024, n_layers=4, n_refiner_layers=2, n_heads=8, n_kv_heads=8, cap_feat_dim=2560, axes_dims=[32, 48, 48])
 LARGE = dict(dim=1536, n_layers=14, n_refiner_layers=2, n_heads=12, n_kv_heads=12, cap_feat_dim=2560, axes_dims=[32, 48, 48])
 
 
-def timed_pair(fa, fb, repeats, sync):
-    """Median seconds of two functions run alternately (so drift in machine load hits both alike)."""
-    fa(), fb()
-    ta, tb = [], []
+def timed(fns: dict, repeats, sync) -> dict:
+    """Median seconds of each function, run in turn (so drift in machine load hits all alike)."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
     for _ in range(repeats):
-        for f, ts in ((fa, ta), (fb, tb)):
+        for k, f in fns.items():
             sync()
             t0 = time.perf_counter()
             f()
             sync()
-            ts.append(time.perf_counter() - t0)
-    return sorted(ta)[repeats // 2], sorted(tb)[repeats // 2]
+            ts[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[repeats // 2] for k, v in ts.items()}
 
 
-def bench_forward(device: str, repeats: int) -> list[dict]:
+def native_nextdit(ours, dtype, device):
+    """ComfyUI's NextDiT with Z-Image's settings and our weights (same names), or None with the reason printed."""
+    comfy = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
+    try:
+        if comfy not in sys.path:
+            sys.path.append(comfy)
+        import comfy.ops
+        from comfy.ldm.lumina.model import NextDiT
+    except Exception as e:  # not ComfyUI's environment
+        print(f"native NextDiT skipped: ComfyUI at {comfy} does not import here ({type(e).__name__}: {e})")
+        return None
+    c = ours.cfg
+    m = NextDiT(patch_size=c.patch_size, in_channels=c.in_channels, dim=c.dim, n_layers=c.n_layers,
+                n_refiner_layers=c.n_noise_refiner, n_heads=c.n_heads, n_kv_heads=c.n_heads, multiple_of=1,
+                ffn_dim_multiplier=c.ffn_hidden / c.dim, norm_eps=c.norm_eps, qk_norm=True, cap_feat_dim=c.cap_feat_dim,
+                axes_dims=list(c.axes_dims), axes_lens=[1536, 512, 512], rope_theta=c.rope_theta, z_image_modulation=True,
+                time_scale=c.t_scale, pad_tokens_multiple=32, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    m.load_state_dict({k: v.to(dtype) for k, v in ours.state_dict().items()})
+    return m.eval()
+
+
+def bench_forward(device: str, repeats: int, compile_: bool) -> list[dict]:
     rows = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ref32 = diffusers_transformer(seed=0, **MODERATE)
+    try:
+        ref32 = diffusers_transformer(seed=0, **MODERATE)
+    except ImportError as e:
+        print(f"diffusers skipped: {e}")
+        ref32 = None
     with tempfile.TemporaryDirectory() as d:
-        path = save_comfyui(ref32, os.path.join(d, "m.safetensors"))
+        path = save_comfyui(ref32, os.path.join(d, "m.safetensors")) if ref32 is not None else None
         for dtype in (torch.float32, torch.bfloat16):
-            ref = diffusers_transformer(seed=0, dtype=dtype, **MODERATE).to(device)
-            ours = zc.load_transformer(path, dtype=dtype, storage_dtype=dtype, device=device)
+            if path is not None:
+                ours = zc.load_transformer(path, dtype=dtype, storage_dtype=dtype, device=device)
+            else:
+                with torch.device("meta"):
+                    ours = zc.ZImageTransformer(zc.ZImageConfig(dim=1024, n_layers=4, head_dim=128, ffn_hidden=2730,
+                                                                axes_dims=(32, 48, 48)), dtype=dtype)
+                ours = ours.to_empty(device=device)
+                torch.manual_seed(0)
+                for p in ours.parameters():
+                    p.data.normal_(0, 0.02).add_(1.0 if p.ndim == 1 else 0.0)
+                ours = ours.to(dtype)
             g = torch.Generator().manual_seed(0)
             x = torch.randn(1, 16, 64, 64, generator=g).to(device, dtype)
             t = torch.tensor([0.5], device=device)
             caps = [torch.randn(100, 2560, generator=g).to(device, dtype)]
+            fns = {"ours": lambda: ours(x, t, caps)}
+            if ref32 is not None:
+                ref = diffusers_transformer(seed=0, dtype=dtype, **MODERATE).to(device)
+                fns["diffusers"] = lambda: ref(list(x.unsqueeze(2)), t, caps, return_dict=False)
+            native = native_nextdit(ours, dtype, device)
+            if native is not None:  # native takes σ (= 1 − t) and returns noise − x0
+                fns["native"] = lambda: native(x, 1 - t, caps[0][None], 100)
+            if compile_:
+                fast = zc.load_transformer(path, dtype=dtype, storage_dtype=dtype, device=device) if path else copy.deepcopy(ours)
+                fast.compile_blocks()
+                fns["ours_compiled"] = lambda: fast(x, t, caps)
             with torch.inference_mode():
-                t_ref, t_ours = timed_pair(
-                    lambda: ref(list(x.unsqueeze(2)), t, caps, return_dict=False), lambda: ours(x, t, caps), repeats, sync
-                )
-            rows.append({"dtype": str(dtype).split(".")[-1], "diffusers_s": t_ref, "ours_s": t_ours, "ratio": t_ours / t_ref})
+                if native is not None and dtype == torch.float32:  # same weights, same math: a sanity check
+                    a, b = ours(x, t, caps), -native(x, 1 - t, caps[0][None], 100)
+                    print(f"native vs ours fp32 relative difference {float((a - b).norm() / b.norm()):.2e}")
+                med = timed(fns, repeats, sync)
+            row = {"dtype": str(dtype).split(".")[-1], **{f"{k}_s": v for k, v in med.items()}}
+            for k in ("diffusers", "native"):
+                if k in med:
+                    row[f"ours/{k}"] = med["ours"] / med[k]
+                    if "ours_compiled" in med:
+                        row[f"compiled/{k}"] = med["ours_compiled"] / med[k]
+            rows.append(row)
     return rows
 
 
@@ -114,11 +172,13 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time ours with compile_blocks() (inductor)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    for r in bench_forward(args.device, args.repeats):
-        print(f"forward {r['dtype']:9s} diffusers {r['diffusers_s'] * 1e3:8.1f} ms  ours {r['ours_s'] * 1e3:8.1f} ms  ratio {r['ratio']:.3f}")
+    for r in bench_forward(args.device, args.repeats, args.compile):
+        print("forward " + "  ".join(f"{k} {v * 1e3:.1f} ms" if k.endswith("_s") else f"{k} {v:.3f}" if isinstance(v, float)
+                                     else f"{k} {v}" for k, v in r.items()))
     if not args.skip_load:
         for r in bench_load():
             print(f"load {r['case']:50s} weights {r['weights_GB']:.2f} GB  peak/weights while loading {r['load_peak_ratio']:.3f}  after a forward {r['after_forward_ratio']:.3f}")
