@@ -1,5 +1,6 @@
 """Our models inside ComfyUI's memory manager, checked in ComfyUI's own environment (CPU, no server):
-the ModelPatcher contract (partial load/unload, detach) drives the block streamer, and loaders cache weakly."""
+the ModelPatcher contract (partial load/unload, detach) drives the block streamer, and loaders and the LoRA
+node's parse cache hold their modules weakly."""
 
 import json
 import subprocess
@@ -15,14 +16,14 @@ if COMFY is None:
 
 SCRIPT = r"""
 import gc, importlib.util, json, sys, torch
-root, path = sys.argv[1], sys.argv[2]
+root, path, lora_path = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.argv = ["main.py", "--cpu"]
 sys.path.insert(0, ".")
 import comfy.options; comfy.options.enable_args_parsing()
 import comfy.model_management as mm
 spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
 pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
-from zimage_pack.nodes import memory
+from zimage_pack.nodes import lora as lora_node, memory
 import zimage_core as zc
 from zimage_core.offload import module_bytes
 
@@ -66,13 +67,26 @@ out["detach_empties"] = p.loaded_size() == 0 and p.current_loaded_device() == p.
 with torch.inference_mode():
     out["after_detach_equal"] = bool(torch.equal(model(x, t, caps), ref))
 out["dtype"] = str(p.model_dtype())
+parsed = lora_node.parsed(lora_path, model)
+out["lora_parse_cached"] = lora_node.parsed(lora_path, model) is parsed
+other = load()
+lora_node.parsed(lora_path, other)
+n = len(lora_node._PARSED)
+del other; gc.collect()
+out["lora_parse_dies_with_its_module"] = n == 2 and len(lora_node._PARSED) == 1
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_patcher_contract_and_cache(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     path = save_comfyui(diffusers_transformer(seed=1, n_layers=6), str(tmp_path / "z.safetensors"))
-    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, ROOT, path], cwd=COMFY, capture_output=True, text=True, timeout=300)
+    k = "diffusion_model.layers.0.attention.to_q"
+    save_file({k + ".lora_A.weight": torch.randn(4, 64), k + ".lora_B.weight": torch.randn(64, 4)}, str(tmp_path / "l.safetensors"))
+    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, ROOT, path, str(tmp_path / "l.safetensors")], cwd=COMFY,
+                       capture_output=True, text=True, timeout=300)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
     assert line, r.stderr[-3000:]
     out = json.loads(line[len("RESULT"):])
