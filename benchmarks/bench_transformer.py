@@ -58,6 +58,9 @@ def native_nextdit(ours, dtype, device):
     try:
         if comfy not in sys.path:
             sys.path.append(comfy)
+        from comfy.cli_args import args as comfy_args
+
+        comfy_args.cpu = torch.device(device).type == "cpu"  # before comfy.model_management probes for a GPU
         import comfy.ops
         from comfy.ldm.lumina.model import NextDiT
     except Exception as e:  # not ComfyUI's environment
