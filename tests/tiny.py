@@ -203,3 +203,41 @@ def sample_picture(w: int = 64, h: int = 64, seed: int = 0):
     b = ((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2) * c[2]
     a = np.clip(np.stack([r, g, b], -1), 0, 1)
     return Image.fromarray((a * 255).round().astype("uint8"))
+
+
+# ---- Fun ControlNet Union --------------------------------------------------------------------------------
+# Layouts from VideoX-Fun config/z_image/z_image_control*.yaml (aigc-apps/VideoX-Fun); 2.0 runs its control
+# layers as the refiner (its own refiner shipped untrained), hence diffusers' "control_layers" mode.
+CONTROL_LAYOUTS = {
+    "v1": dict(control_layers_places=list(range(0, 30, 5)), control_in_dim=16, add_control_noise_refiner=None),
+    "2.1": dict(control_layers_places=list(range(0, 30, 2)), control_in_dim=33,
+                add_control_noise_refiner="control_noise_refiner"),
+    "2.0": dict(control_layers_places=list(range(0, 30, 2)), control_in_dim=33, add_control_noise_refiner="control_layers"),
+    "lite": dict(control_layers_places=[0, 10, 20], control_in_dim=33, add_control_noise_refiner="control_noise_refiner"),
+}
+
+
+def diffusers_controlnet(layout: str, seed: int = 3, dtype=torch.float32, **size):
+    """diffusers' ZImageControlNetModel in a published layout, at the tiny transformer's width (or ``size``)."""
+    from diffusers import ZImageControlNetModel
+
+    dims = {"dim": TINY_DIT["dim"], "n_heads": TINY_DIT["n_heads"], "n_kv_heads": TINY_DIT["n_kv_heads"], **size}
+    cn = ZImageControlNetModel(**CONTROL_LAYOUTS[layout], control_refiner_layers_places=[0, 1], n_refiner_layers=2, **dims)
+    return randomize_(cn, seed).to(dtype).eval()
+
+
+def save_controlnet(cn, path, layout: str, style: str = "diffusers", dtype=None) -> str:
+    """The published file: the control model's own tensors under VideoX-Fun's (= diffusers') names, or ComfyUI's
+    converted ones (``z_image_convert`` in ComfyUI comfy_extras/nodes_model_patch.py); 2.0 also carries its
+    zero-initialised refiner (before_proj/after_proj all zero)."""
+    sd = {k: v.to(dtype) if dtype else v for k, v in cn.state_dict().items()}
+    if layout == "2.0":
+        ref = diffusers_controlnet("2.1", dim=cn.config.dim, n_heads=cn.config.n_heads, n_kv_heads=cn.config.n_kv_heads)
+        for k, v in ref.control_noise_refiner.state_dict().items():
+            zero = ".before_proj." in k or ".after_proj." in k
+            sd[f"control_noise_refiner.{k}"] = (torch.zeros_like(v) if zero else v).to(dtype or v.dtype)
+    if style == "comfyui":
+        sd = comfyui_state_dict(sd)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", help="inpainting mask, white = regenerate (with --init-image)")
     g.add_argument("--reference", action="append", default=[], metavar="IMAGE",
                    help="reference image for instruction editing (Omni/Edit scheme; up to 3; target size = the last one's)")
+    g.add_argument("--control", action="append", default=[], metavar="IMAGE[:STRENGTH]",
+                   help="a preprocessed control image (canny, depth, pose, HED, gray, tile…) for --control-model; strength "
+                        "default 0.75 (repeatable: one per --control-model, or all for one model)")
+    g.add_argument("--control-model", action="append", default=[], metavar="FILE",
+                   help="a Fun ControlNet Union file (v1, 2.0, 2.1, lite, tile; from alibaba-pai). With a 2.x model, "
+                        "--init-image and --mask also feed its inpainting input")
     g.add_argument("--output", "-o", default="zimage.png", help="PNG path; a batch gets _00001… suffixes")
     g.add_argument("--models", help="a ComfyUI models/ folder (diffusion_models, text_encoders, vae)")
     g.add_argument("--hf", help="an HF-layout Z-Image folder (transformer/, text_encoder/, tokenizer/, vae/)")
@@ -79,6 +85,39 @@ def _png_info(settings, extra: dict):
                                 f"Shift: {s.shift}, Seed: {s.seed}, Size: {s.width}x{s.height}, Model: Z-Image ({s.preset})")
     info.add_text("zimage", json.dumps({**asdict(s), **extra}))
     return info
+
+
+def parse_control(spec: str) -> tuple[str, float]:
+    """'IMAGE[:STRENGTH]' → (path, strength); a path may itself hold colons (C:\\…)."""
+    path, _, tail = spec.rpartition(":")
+    try:
+        return (path, float(tail)) if path else (spec, 0.75)
+    except ValueError:
+        return spec, 0.75
+
+
+def _controls(a, pipe, init, mask) -> list:
+    from PIL import Image
+
+    from .controlnet import ControlImage, load_controlnet
+
+    if not a.control_model:
+        if a.control:
+            raise ZImageError("--control needs --control-model (a Fun ControlNet Union file).")
+        return []
+    specs = [parse_control(c) for c in a.control]
+    if len(a.control_model) not in (1, len(specs)) and specs:
+        raise ZImageError(f"{len(specs)} --control images for {len(a.control_model)} --control-model files; give one "
+                          "model for all, or one per image.")
+    models = [load_controlnet(p, dtype=pipe.transformer.compute_dtype) for p in a.control_model]
+    if len(models) == 1:
+        models = models * max(len(specs), 1)
+    out = []
+    for m, (img, strength) in zip(models, specs or [(None, 1.0)] * len(models)):
+        inpaint = m.cfg.inpaint and init is not None
+        out.append(ControlImage(m, Image.open(img).convert("RGB") if img else None, strength,
+                                init if inpaint else None, mask if inpaint else None))
+    return out
 
 
 def generate(a) -> list[str]:
@@ -128,7 +167,9 @@ def generate(a) -> list[str]:
         bar.total = st.total
         bar.update(1)
 
-    images, _ = pipe(settings, init_image=init, mask=mask, callback=on_step, vae_tile=a.vae_tile, reference_images=refs or None)
+    controls = _controls(a, pipe, init, mask)
+    images, _ = pipe(settings, init_image=init, mask=mask, callback=on_step, vae_tile=a.vae_tile, reference_images=refs or None,
+                     controls=controls)
     bar.close()
     resolved = settings.resolved()
     out = []
@@ -137,7 +178,8 @@ def generate(a) -> list[str]:
     for k, im in enumerate(images):
         path = a.output if len(images) == 1 else f"{stem}_{k + 1:05d}{ext or '.png'}"
         extra = {"batch_index": k, "transformer": paths.transformer, "text_encoder": paths.text_encoder, "vae": paths.vae,
-                 "init_image": a.init_image, "mask": a.mask, "references": a.reference, "lora": a.lora, "dtype": a.dtype}
+                 "init_image": a.init_image, "mask": a.mask, "references": a.reference, "lora": a.lora, "dtype": a.dtype,
+                 "control": a.control, "control_model": a.control_model}
         im.save(path, pnginfo=_png_info(resolved, extra))
         out.append(path)
     print(f"wrote {', '.join(out)} ({time.perf_counter() - t0 - load_s:.1f} s sampling, {load_s:.1f} s loading)")

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
+from .controlnet import Control, ControlImage, prepare_control
 from .errors import ZImageError
 from .images import pil_to_tensor, prepare_reference_image
 from .noise import comfy_noise
@@ -162,6 +163,18 @@ class ZImagePipeline:
             torch.cuda.empty_cache()
 
     @contextmanager
+    def resident(self, models):
+        """Small side models (control nets) live on the device while sampling runs."""
+        models = list(models)
+        for m in models:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in models:
+                m.to("cpu")
+
+    @contextmanager
     def vae_on_device(self):
         if self.device.type == "cpu":
             yield
@@ -203,12 +216,35 @@ class ZImagePipeline:
         return [CondEntry([assemble_segments(others, seg)], refs=[refs], siglip=None if siglip is None else [list(siglip) + [None]])
                 for seg in enc[len(shared):]]
 
+    def encode_controls(self, controls: list[ControlImage], width: int, height: int, vae_tile: int | None = None) -> list[Control]:
+        """Control images (PIL or tensors; resized to the output size) → the control models' inputs."""
+
+        def fit(im):
+            if im is None:
+                return None
+            if isinstance(im, Image.Image):
+                return image_to_tensor(im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS))
+            t = image_to_tensor(im)
+            return t if t.shape[-2:] == (height, width) else F.interpolate(t, (height, width), mode="bilinear", antialias=True)
+
+        def encode(x):
+            return to_model_space(self.autoencoder.encode(x, tile=vae_tile)).cpu()
+
+        def mask(m):  # pixel size, not binarised yet (prepare_control does that)
+            return None if m is None else mask_to_latent(m, height, width, binarize=False)
+
+        with self.vae_on_device():
+            return [prepare_control(replace(c, image=fit(c.image), inpaint_image=fit(c.inpaint_image), mask=mask(c.mask)), encode)
+                    for c in controls]
+
     def __call__(self, settings: GenerationSettings, init_image=None, mask=None,
                  callback: Callable[[Step], None] | None = None, cancel: Callable[[], bool] | None = None,
                  vae_tile: int | None = None, reference_images: list | None = None,
-                 siglip_features: list[torch.Tensor] | None = None) -> tuple[list[Image.Image], torch.Tensor]:
+                 siglip_features: list[torch.Tensor] | None = None,
+                 controls: list[ControlImage] | None = None) -> tuple[list[Image.Image], torch.Tensor]:
         """Text-to-image; with ``init_image`` (and ``mask``) image-to-image (inpainting); with ``reference_images``
-        (up to 3, plus optional SigLIP2 features per image) instruction editing in the Omni scheme."""
+        (up to 3, plus optional SigLIP2 features per image) instruction editing in the Omni scheme; ``controls``:
+        Fun ControlNet models with their images (structure control, ControlNet inpainting)."""
         s = settings.resolved()
         init = None
         if init_image is not None:
@@ -250,11 +286,13 @@ class ZImagePipeline:
         else:  # positive and negative in one text-encoder pass
             caps = self.encode_prompts([s.prompt, s.negative_prompt] if use_cfg else [s.prompt])
             pos, neg = caps[:1], caps[1:] if use_cfg else None
+        ctl = self.encode_controls(controls, s.width, s.height, vae_tile) if controls else []
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
-        with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
+        with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg), \
+                self.resident(c.model for c in ctl):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
                        cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask, shift=s.shift,
-                       callback=callback, cancel=cancel).cpu()
+                       callback=callback, cancel=cancel, control=ctl).cpu()
         with self.vae_on_device():
             images = self.autoencoder.decode(from_model_space(x), tile=vae_tile).cpu()
         return [to_pil(im) for im in images], x

@@ -10,12 +10,13 @@ guidance once the model time exceeds ``cfg_truncation``). Latents are in model s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from .blocks import BlockRun
+from .controlnet import Control, control_hooks
 from .errors import ZImageError, ZImageInterrupted
 from .schedule import model_time, percent_to_sigma
 
@@ -130,11 +131,14 @@ class Guidance:
     truncation: float = 1.0
     shift: float = 3.0
     batched: bool = True
+    control: Sequence[Control] = ()  # Fun ControlNets: the same hints for the conditional and unconditional passes
 
     def __call__(self, model, x: torch.Tensor, sigma: torch.Tensor, run: BlockRun) -> torch.Tensor:
         b, dev = len(x), x.device
         mt = model_time(sigma)
         t = mt.to(dev).expand(b)
+        if self.control:
+            run = replace(run, after=[*run.after, *control_hooks(self.control, model, t, tuple(x.shape[-2:]), self.shift)])
         xin = x.to(model.compute_dtype)
         pos = _active(self.positive, float(sigma), self.shift)
         if self.negative is None or (self.truncation is not None and float(self.truncation) <= 1 and mt.item() > self.truncation):
@@ -169,6 +173,7 @@ def sample(
     shift: float = 3.0,
     callback: Callable[[Step], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    control: Sequence[Control] = (),
 ) -> torch.Tensor:
     """Denoise from ``sigmas[0]`` to ``sigmas[-1]``; returns fp32 model-space latents.
 
@@ -177,6 +182,7 @@ def sample(
     (broadcastable to B×1×h×w). ``positive``/``negative``: one caption tensor per latent (or one for all), or
     a list of ``CondEntry`` (weighted, with active ranges; ``shift`` maps their percents to σ).
     ``cancel()`` returning True stops between blocks and steps with ``ZImageInterrupted``.
+    ``control``: Fun ControlNet inputs (controlnet.py), applied to the conditional and unconditional passes alike.
     """
     b, _, h, w = noise.shape
     if h % 2 or w % 2:
@@ -187,6 +193,10 @@ def sample(
     if n < 1:
         raise ZImageError("the schedule has no step to run.")
     predict = _guidance(positive, negative, b, dev, cfg, cfg_normalization, cfg_truncation, shift, batch_cfg)
+    if control:
+        if any(e.refs is not None for e in predict.positive):
+            raise ZImageError("ControlNet does not combine with Omni/Edit references.")
+        predict.control = list(control)
     noise = noise.to(dev, torch.float32)
     init, mask = _inpaint_inputs(init_latents, mask, b, h, w, dev)
     x = sig[0].to(dev) * noise + (1.0 - sig[0].to(dev)) * (init if init is not None else torch.zeros_like(noise))

@@ -30,8 +30,14 @@ def transformer_layout(keys: list[str]) -> tuple[str, str]:
 
 def transformer_plan(files) -> tuple[dict[str, Source], list[str], str]:
     """Internal name → Source for every tensor in ``files``; also the unexpected keys and the layout name."""
+    prefix, layout = transformer_layout(files.keys())
+    return (*weight_plan(files, prefix, layout), layout)
+
+
+def weight_plan(files, prefix: str, layout: str) -> tuple[dict[str, Source], list[str]]:
+    """Internal name → Source for the keys under ``prefix`` in a 'comfyui' or 'diffusers' layout (also the control
+    nets' blocks, which use the same names); the keys outside ``prefix``."""
     keys = files.keys()
-    prefix, layout = transformer_layout(keys)
     plan: dict[str, Source] = {}
     unexpected: list[str] = []
     qkv: dict[str, dict[str, str]] = {}
@@ -52,7 +58,7 @@ def transformer_plan(files) -> tuple[dict[str, Source], list[str], str]:
         if set(parts) == {0, 1, 2}:  # an incomplete set leaves the fused name missing, reported by the loader
             ks = [parts[0], parts[1], parts[2]]
             plan[name] = Source(ks, [scale_key(files, k) for k in ks])
-    return plan, unexpected, layout
+    return plan, unexpected
 
 
 def internal_shape_fn(files, plan: dict[str, Source]):

@@ -1,0 +1,91 @@
+"""Transformer forward time with one Fun ControlNet Union model relative to none, for each published layout.
+
+    python benchmarks/bench_controlnet.py [--dim 3840 --heads 30] [--size 1024] [--device cuda] [--dtype bf16]
+
+Random weights, built in memory at the given width with Z-Image's 30 main layers, 2 noise-refiner and 2
+context-refiner blocks; each control model in its published layout (v1: 6 layers + 2 plain refiner blocks;
+2.1: 15 + 2 control refiner blocks; 2.0: 15, its layers also run as the refiner; lite: 3 + 2). One forward at
+--size² pixels with a 128-token caption; the median of --repeat runs after a warm-up. The defaults are sized for a
+CPU (width 512); the full model is --dim 3840 --heads 30 on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from zimage_core.blocks import BlockRun  # noqa: E402
+from zimage_core.controlnet import Control, ControlNetConfig, ZImageControlNet, control_hooks  # noqa: E402
+from zimage_core.transformer import ZImageConfig, ZImageTransformer  # noqa: E402
+
+LAYOUTS = {"v1": (6, 16, "plain"), "2.1": (15, 33, "control"), "2.0": (15, 33, "layers"), "lite": (3, 33, "control")}
+
+
+def randomize(m: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * r if "norm" in name else r / p.shape[-1] ** 0.5 if p.ndim == 2 else 0.1 * r)
+    return m
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    dtype, dev = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype], torch.device(a.device)
+    hd = a.dim // a.heads
+    cfg = ZImageConfig(dim=a.dim, head_dim=hd, ffn_hidden=a.dim * 8 // 3, cap_feat_dim=2560,
+                       axes_dims=ZImageConfig.axes_for_head_dim(hd))
+    model = randomize(ZImageTransformer(cfg, dtype=dtype)).to(dev, dtype).eval()
+    h = w = a.size // 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, h, w, generator=g).to(dev, dtype)
+    cap = [torch.randn(128, 2560, generator=g).to(dev, dtype)]
+    t = torch.tensor([0.5], device=dev)
+
+    def timed(controls) -> float:
+        def once():
+            run = BlockRun(after=control_hooks(controls, model, t, (h, w)))
+            with torch.inference_mode():
+                model(x, t, cap, run=run)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        once()
+        times = []
+        for _ in range(a.repeat):
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    base = timed([])
+    print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), {a.dtype}, width {a.dim}, "
+          f"{a.size}×{a.size} px: plain forward {base * 1000:.0f} ms")
+    for name, (layers, ch, refiner) in LAYOUTS.items():
+        ccfg = ControlNetConfig(dim=a.dim, head_dim=hd, ffn_hidden=cfg.ffn_hidden, in_channels=ch, n_layers=layers,
+                                refiner=refiner)
+        cn = randomize(ZImageControlNet(ccfg)).to(dev, dtype).eval()
+        lat = torch.randn(1, ch, h, w, generator=g).to(dev, dtype)
+        s = timed([Control(cn, lat, 0.75)])
+        blocks = layers + (2 if refiner != "layers" else 0)
+        print(f"  {name:5s} ({blocks:2d} control blocks): {s * 1000:.0f} ms = {s / base:.2f}× the plain forward")
+        del cn
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Fun ControlNet Union: our control model + transformer against diffusers' ZImageControlNetModel +
+ZImageTransformer2DModel on random tiny weights, for every published layout.
+
+Layouts (VideoX-Fun ``config/z_image/z_image_control*.yaml``, aigc-apps/VideoX-Fun): v1 = 6 layers after
+main layers 0,5,…,25, 16 channels, plain control refiner; 2.1 = 15 layers after 0,2,…,28, 33 channels,
+control refiner with hints after noise-refiner blocks 0,1; lite = 3 layers after 0,10,20; 2.0 = as 2.1 but
+the control layers run as the refiner (its own refiner shipped untrained). Files are written with
+diffusers' (= VideoX-Fun's) parameter names and with ComfyUI's converted names (``z_image_convert`` in
+ComfyUI ``comfy_extras/nodes_model_patch.py``: fused qkv, ``out``, ``q_norm``).
+
+diffusers 0.42.1 computes the 2.x refiner hints inside ZImageControlNetModel but its transformer has no
+input for them (only ``controlnet_block_samples``); VideoX-Fun adds them to the main noise refiner
+(``BaseZImageTransformerBlock`` there). The reference below adds them with forward hooks, as VideoX-Fun does.
+
+Truth: diffusers in float64. Ours in fp32 must be within 2e-6 (relative norm) of it and at most twice as far as
+diffusers' own fp32 run: measured 5e-7 … 1e-6 for both, every layout.
+"""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import CONTROL_LAYOUTS as LAYOUTS
+from tiny import TINY_DIT, diffusers_controlnet, diffusers_transformer, rel_err
+from tiny import save_controlnet as controlnet_file
+
+from zimage_core import ZImageError, load_transformer
+from zimage_core.blocks import BlockRun
+from zimage_core.controlnet import Control, blank_masked, control_hooks, control_input, load_controlnet
+
+DIT = dict(n_layers=30, n_refiner_layers=2)
+TOL = 2e-6
+
+
+def reference(dit, cn, x, t, caps, ctl, scale):
+    """diffusers' control model + transformer, with the 2.x refiner hints added as VideoX-Fun does."""
+    from diffusers import ZImageControlNetModel
+
+    dt = next(dit.parameters()).dtype
+    cn = ZImageControlNetModel.from_transformer(cn, dit)
+    chain = {"control_noise_refiner": cn.control_noise_refiner, "control_layers": cn.control_layers}.get(
+        cn.config.add_control_noise_refiner)
+    got = []
+    hooks = [chain[-1].register_forward_hook(lambda _m, _a, out: got.append(out))] if chain is not None else []
+    xs = [xi.to(dt)[:, None] for xi in x]
+    with torch.no_grad():
+        samples = cn(xs, t.to(dt), [c.to(dt) for c in caps], [c.to(dt)[:, None] for c in ctl], conditioning_scale=scale)
+        for h in hooks:
+            h.remove()
+        if got:  # first call of the chain's last block: [hint 0, hint 1, …, state]
+            hints = got[0][:-1]
+            hooks = [dit.noise_refiner[j].register_forward_hook(lambda _m, _a, out, j=j: out + hints[j] * scale)
+                     for j in range(len(dit.noise_refiner))]
+        out = dit(xs, t.to(dt), [c.to(dt) for c in caps], controlnet_block_samples=samples, return_dict=False)[0]
+        for h in hooks:
+            h.remove()
+    return [o[:, 0] for o in out]
+
+
+def inputs(seed, shapes, cap_lens, in_ch):
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(16, h, w, generator=g) for h, w in shapes]
+    ctl = [torch.randn(in_ch, h, w, generator=g) for h, w in shapes]
+    t = torch.rand(1, generator=g).expand(len(shapes))
+    caps = [torch.randn(n, TINY_DIT["cap_feat_dim"], generator=g) for n in cap_lens]
+    return x, t, caps, ctl
+
+
+def controlled(model, x, t, caps, controls):
+    """Our transformer with these controls, as the sampler runs it."""
+    return model(x, t, caps, run=BlockRun(after=control_hooks(controls, model, t, tuple(x[0].shape[-2:]))))
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    from tiny import save_comfyui
+
+    ref32 = diffusers_transformer(seed=1, **DIT)
+    ref64 = diffusers_transformer(seed=1, dtype=torch.float64, **DIT)
+    path = save_comfyui(ref32, str(tmp_path_factory.mktemp("dit") / "z_image.safetensors"))
+    return ref32, ref64, load_transformer(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_diffusers(dit, tmp_path, layout):
+    ref32, ref64, ours = dit
+    cn32 = diffusers_controlnet(layout)
+    model = load_controlnet(controlnet_file(cn32, tmp_path / "cn.safetensors", layout), dtype=torch.float32)
+    expect = {"v1": "plain", "2.1": "control", "lite": "control", "2.0": "layers"}[layout]
+    assert model.cfg.refiner == expect and model.cfg.places == LAYOUTS[layout]["control_layers_places"]
+    # ComfyUI's converted names load into the same tensors
+    fused = load_controlnet(controlnet_file(cn32, tmp_path / "cn_comfy.safetensors", layout, "comfyui"), dtype=torch.float32)
+    a, b = model.state_dict(), fused.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shapes, cap_lens = [(8, 8), (8, 8)], [5, 40]  # a batch whose captions differ in length: padding masked
+    x, t, caps, ctl = inputs(0, shapes, cap_lens, model.cfg.in_channels)
+    truth = reference(ref64, diffusers_controlnet(layout, dtype=torch.float64), x, t, caps, ctl, 0.7)
+    theirs = reference(ref32, cn32, x, t, caps, ctl, 0.7)
+    with torch.no_grad():
+        got = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl), 0.7)])
+        plain = ours(x, t, caps)
+    for o, r64, r32, p in zip(got, truth, theirs, plain):
+        e, e_diff = rel_err(o, r64), rel_err(r32, r64)
+        assert e < TOL and e < 2 * e_diff + 1e-7, (e, e_diff)
+        assert rel_err(p, r64) > 1e-2  # the control changes the prediction
+
+
+def test_strength_zero_and_outside_range_is_no_control_bit_for_bit(dit, tmp_path):
+    _, _, ours = dit
+    model = load_controlnet(controlnet_file(diffusers_controlnet("2.1"), tmp_path / "cn.safetensors", "2.1"),
+                            dtype=torch.float32)
+    x, t, caps, ctl = inputs(1, [(8, 8)], [7], 33)
+    t = torch.tensor([0.25])  # sigma 0.75
+    with torch.no_grad():
+        plain = ours(x, t, caps)
+        zero = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl), 0.0)])
+        # sigma 0.75 is 50 % into the shift-3 schedule: a control over 60–100 % is off, one over 40–60 % is on
+        late = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl), 1.0, start=0.6)])
+        on = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl), 1.0, start=0.4, end=0.6)])
+    assert torch.equal(zero[0], plain[0]) and torch.equal(late[0], plain[0])
+    assert not torch.equal(on[0], plain[0])
+
+
+def test_two_controls_stack(dit, tmp_path):
+    """Two models: each hint is added after its own blocks (v1 after 0,5,…; lite after 0,10,20)."""
+    ref32, ref64, ours = dit
+    a, b = diffusers_controlnet("v1", seed=4), diffusers_controlnet("lite", seed=5)
+    ma = load_controlnet(controlnet_file(a, tmp_path / "a.safetensors", "v1"), dtype=torch.float32)
+    mb = load_controlnet(controlnet_file(b, tmp_path / "b.safetensors", "lite"), dtype=torch.float32)
+    x, t, caps, ctl_a = inputs(2, [(8, 8)], [9], 16)
+    ctl_b = [torch.randn(33, 8, 8, generator=torch.Generator().manual_seed(9))]
+    from diffusers import ZImageControlNetModel
+
+    with torch.no_grad():
+        got = controlled(ours, x, t, caps, [Control(ma, torch.stack(ctl_a), 0.6), Control(mb, torch.stack(ctl_b), 0.9)])
+        a64, b64 = diffusers_controlnet("v1", 4, torch.float64), diffusers_controlnet("lite", 5, torch.float64)
+        xs, tt, cc = [x[0].double()[:, None]], t.double(), [caps[0].double()]
+        got_b = []
+        hook = b64.control_noise_refiner[-1].register_forward_hook(lambda _m, _i, o: got_b.append(o))
+        sb = ZImageControlNetModel.from_transformer(b64, ref64)(xs, tt, cc, [ctl_b[0].double()[:, None]], 0.9)
+        hook.remove()
+        # lite's refiner hints enter the main noise refiner, so v1's first control block sees them too
+        hints = got_b[0][:-1]
+        hooks = [ref64.noise_refiner[j].register_forward_hook(lambda _m, _i, o, j=j: o + hints[j] * 0.9) for j in range(2)]
+        sa = ZImageControlNetModel.from_transformer(a64, ref64)(xs, tt, cc, [ctl_a[0].double()[:, None]], 0.6)
+        both = {k: sa.get(k, 0) + sb.get(k, 0) for k in set(sa) | set(sb)}
+        truth = ref64(xs, tt, cc, controlnet_block_samples=both, return_dict=False)[0][0][:, 0]
+        for h in hooks:
+            h.remove()
+    assert rel_err(got[0], truth) < TOL
+
+
+def test_hints_follow_the_control_image(dit, tmp_path):
+    """The v1 hints depend on the control image: a different image gives a different prediction."""
+    _, _, ours = dit
+    model = load_controlnet(controlnet_file(diffusers_controlnet("v1"), tmp_path / "cn.safetensors", "v1"),
+                            dtype=torch.float32)
+    x, t, caps, ctl = inputs(3, [(8, 8)], [4], 16)
+    with torch.no_grad():
+        a = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl))])
+        b = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl) * 0.5)])
+    assert rel_err(a[0], b[0]) > 1e-3
+
+
+def test_fp8_file_keeps_fp8_storage(dit, tmp_path):
+    ref32, ref64, ours = dit
+    cn = diffusers_controlnet("lite")
+    path = controlnet_file(cn, tmp_path / "cn_fp8.safetensors", "lite", style="comfyui")
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    sd = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
+    save_file(sd, path)
+    model = load_controlnet(path, dtype=torch.float32)
+    assert model.control_layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
+    # the reference holds the same fp8-rounded values
+    cn64 = diffusers_controlnet("lite", dtype=torch.float64)
+    with torch.no_grad():
+        for p in cn64.parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(torch.float8_e4m3fn).double())
+    x, t, caps, ctl = inputs(4, [(8, 8)], [6], 33)
+    truth = reference(ref64, cn64, x, t, caps, ctl, 1.0)
+    with torch.no_grad():
+        got = controlled(ours, x, t, caps, [Control(model, torch.stack(ctl))])
+    assert rel_err(got[0], truth[0]) < TOL
+
+
+def test_broken_refiner_detected(tmp_path):
+    m20 = load_controlnet(controlnet_file(diffusers_controlnet("2.0"), tmp_path / "a.safetensors", "2.0"))
+    m21 = load_controlnet(controlnet_file(diffusers_controlnet("2.1"), tmp_path / "b.safetensors", "2.1"))
+    assert m20.cfg.refiner == "layers" and not hasattr(m20, "control_noise_refiner")
+    assert m21.cfg.refiner == "control" and len(m21.control_noise_refiner) == 2
+
+
+def test_wrong_files_are_named(dit, tmp_path):
+    p = tmp_path / "flux_cn.safetensors"
+    save_file({"controlnet_blocks.0.weight": torch.zeros(4, 4), "pos_embed_input.weight": torch.zeros(4, 4)}, str(p))
+    with pytest.raises(ZImageError, match="not a Z-Image Fun ControlNet.*another model family"):
+        load_controlnet(str(p))
+    sd = diffusers_controlnet("v1").state_dict()
+    sd["something_else.weight"] = torch.zeros(2)
+    p2 = tmp_path / "merged.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(p2))
+    with pytest.raises(ZImageError, match="do not belong.*something_else"):
+        load_controlnet(str(p2))
+    model = load_controlnet(controlnet_file(diffusers_controlnet("v1"), tmp_path / "c.safetensors", "v1"))
+    x, t, caps, _ = inputs(0, [(8, 8)], [4], 16)
+    with pytest.raises(ZImageError, match="33 channels|takes 16 channels"):
+        controlled(dit[2], x, t, caps, [Control(model, torch.randn(1, 33, 8, 8))])
+
+
+def test_control_input_follows_videox_fun():
+    """VideoX-Fun ZImageControlPipeline: [control, 1 − mask (nearest), latent of the image blanked where mask ≥ .5]."""
+    from zimage_core.controlnet import ControlNetConfig
+
+    c = torch.randn(1, 16, 4, 4)
+    inp = torch.randn(1, 16, 4, 4)
+    mask = (torch.rand(1, 1, 4, 4) > 0.5).float()
+    v1 = ControlNetConfig(in_channels=16)
+    v2 = ControlNetConfig(in_channels=33)
+    assert torch.equal(control_input(v1, c), c)
+    out = control_input(v2, c, inp, mask)
+    assert torch.equal(out[:, :16], c) and torch.equal(out[:, 16:17], 1 - mask) and torch.equal(out[:, 17:], inp)
+    none = control_input(v2, None, inp)
+    assert torch.equal(none[:, :16], torch.zeros_like(c)) and torch.equal(none[:, 16:17], torch.zeros(1, 1, 4, 4))
+    img = torch.rand(1, 3, 8, 8)
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., :4] = 1
+    b = blank_masked(img, m)
+    assert torch.allclose(b[..., 4:], img[..., 4:]) and torch.equal(b[..., :4], torch.full_like(b[..., :4], 0.5))
+
+
+# ---- whole pipelines ---------------------------------------------------------------------------------
+
+
+class RefinerHints:
+    """Adds the 2.x refiner hints to diffusers' transformer inside its pipelines (VideoX-Fun's forward; diffusers
+    0.42.1 computes them in the control model but never passes them on). The noise-refiner blocks are shared
+    with the control model, so hints are added only outside the control model's own forward."""
+
+    def __init__(self, cn, dit):
+        self.inside, self.hints, self.scale = False, None, 1.0
+        chain = {"control_noise_refiner": cn.control_noise_refiner, "control_layers": cn.control_layers}.get(
+            cn.config.add_control_noise_refiner)
+        self.handles = [cn.register_forward_pre_hook(self.enter, with_kwargs=True), cn.register_forward_hook(self.leave)]
+        if chain is not None:
+            self.handles.append(chain[-1].register_forward_hook(self.capture))
+            self.handles += [b.register_forward_hook(lambda _m, _a, o, j=j: self.add(j, o)) for j, b in enumerate(dit.noise_refiner)]
+
+    def enter(self, _m, args, kwargs):
+        self.inside, self.hints = True, None
+        self.scale = kwargs.get("conditioning_scale", args[4] if len(args) > 4 else 1.0)
+
+    def leave(self, _m, _a, _o):
+        self.inside = False
+
+    def capture(self, _m, _a, o):
+        if self.inside and self.hints is None:
+            self.hints = o[:-1]
+
+    def add(self, j, o):
+        return o if self.inside or self.hints is None else o + self.hints[j] * self.scale
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory, tokenizer_dir, hf_tokenizer):
+    from tiny import tiny_qwen, tiny_vae, write_models_dir
+
+    import zimage_core as zc
+
+    refs = {"dit": diffusers_transformer(seed=1, **DIT), "te": tiny_qwen(0), "vae": tiny_vae(0)}
+    paths = write_models_dir(str(tmp_path_factory.mktemp("models")), refs["dit"], refs["te"], refs["vae"])
+    ours = zc.ZImagePipeline.from_paths(zc.find_weights(transformer=paths["transformer"], text_encoder=paths["text_encoder"],
+                                                        vae=paths["vae"], tokenizer=tokenizer_dir), dtype=torch.float32)
+    return refs, ours, hf_tokenizer
+
+
+@pytest.mark.parametrize("layout,inpaint", [("v1", False), ("2.1", True), ("2.0", True)])
+def test_pipeline_equals_diffusers(pipes, tmp_path, layout, inpaint):
+    """Final latents of our pipeline = ZImageControlNetPipeline / ZImageControlNetInpaintPipeline (+ refiner hints)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetInpaintPipeline, ZImageControlNetPipeline
+    from tiny import sample_picture
+
+    import zimage_core as zc
+    from zimage_core.controlnet import ControlImage
+
+    refs, ours, tok = pipes
+    cn = diffusers_controlnet(layout)
+    model = load_controlnet(controlnet_file(cn, tmp_path / "cn.safetensors", layout), dtype=torch.float32)
+    ctl_img, init = sample_picture(64, 48, seed=1), sample_picture(64, 48, seed=2)
+    mask = torch.zeros(48, 64)
+    mask[8:40, 16:48] = 1.0
+    s = zc.GenerationSettings(prompt="a house by a lake", width=64, height=48, preset="base", steps=3, cfg=3.0, seed=7)
+    spec = ControlImage(model, ctl_img, 0.8, init if inpaint else None, mask[None, None] if inpaint else None)
+    _, latents = ours(s, controls=[spec])
+    cls = ZImageControlNetInpaintPipeline if inpaint else ZImageControlNetPipeline
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=refs["vae"], text_encoder=refs["te"],
+               tokenizer=tok, transformer=refs["dit"], controlnet=cn)
+    extra = dict(image=init, mask_image=mask[None, None]) if inpaint else {}
+    hints = RefinerHints(pipe.controlnet, refs["dit"])
+    try:
+        ref = pipe(prompt=s.prompt, negative_prompt=None, height=48, width=64, num_inference_steps=3, guidance_scale=2.0,
+                   control_image=ctl_img, controlnet_conditioning_scale=0.8, latents=zc.comfy_noise((1, 16, 6, 8), 7),
+                   output_type="latent", **extra).images
+    finally:
+        hints.remove()
+    assert rel_err(latents, ref) < 2e-5, rel_err(latents, ref)
+
+
+def test_cli_control_options(tmp_path, tokenizer_dir):
+    """--control IMAGE[:STRENGTH] with --control-model FILE changes the image; strength 0 leaves it as without."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from tiny import sample_picture, write_models_dir
+
+    models = tmp_path / "models"
+    write_models_dir(str(models))
+    cn = diffusers_controlnet("lite")  # tiny main model (2 layers): refiner hint 0 and the hint after layer 0 apply
+    path = controlnet_file(cn, tmp_path / "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite.safetensors", "lite")
+    sample_picture(64, 48, seed=4).save(tmp_path / "canny.png")
+    root = os.path.join(os.path.dirname(__file__), "..")
+
+    def run(*extra, out):
+        args = ["generate", "--models", str(models), "--tokenizer", tokenizer_dir, "--dtype", "fp32", "-p", "x",
+                "--width", "64", "--height", "48", "--seed", "3", "-o", str(tmp_path / out), *extra]
+        r = subprocess.run([sys.executable, "-m", "zimage_core", *args], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=os.path.abspath(root)), cwd=root)
+        assert r.returncode == 0, r.stderr
+        return np.asarray(Image.open(tmp_path / out).convert("RGB"), dtype=np.int16)
+
+    plain = run(out="plain.png")
+    ctl = run("--control", f"{tmp_path / 'canny.png'}:0.9", "--control-model", path, out="ctl.png")
+    off = run("--control", f"{tmp_path / 'canny.png'}:0", "--control-model", path, out="off.png")
+    assert np.abs(ctl - plain).mean() > 0.5 and np.array_equal(off, plain)
