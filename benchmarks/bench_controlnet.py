@@ -77,8 +77,7 @@ def main():
     print(f"device {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}), {a.dtype}, width {a.dim}, "
           f"{a.size}×{a.size} px: plain forward {base * 1000:.0f} ms")
     for name, (layers, ch, refiner) in LAYOUTS.items():
-        ccfg = ControlNetConfig(dim=a.dim, head_dim=hd, ffn_hidden=cfg.ffn_hidden, in_channels=ch, n_layers=layers,
-                                refiner=refiner)
+        ccfg = ControlNetConfig(block=cfg, in_channels=ch, n_layers=layers, refiner=refiner)
         cn = randomize(ZImageControlNet(ccfg)).to(dev, dtype).eval()
         lat = torch.randn(1, ch, h, w, generator=g).to(dev, dtype)
         s = timed([Control(cn, lat, 0.75)])

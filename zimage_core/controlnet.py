@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -49,10 +49,7 @@ LATENT_CHANNELS = 16
 
 @dataclass
 class ControlNetConfig:
-    dim: int = 3840
-    head_dim: int = 128
-    ffn_hidden: int = 10240
-    adaln_dim: int = 256
+    block: ZImageConfig = field(default_factory=ZImageConfig)  # the blocks' sizes (dim, heads, FFN, adaLN)
     in_channels: int = 16
     patch_size: int = 2
     n_layers: int = 6
@@ -69,8 +66,9 @@ class ControlNetConfig:
     def inpaint(self) -> bool:
         return self.in_channels > LATENT_CHANNELS
 
-    def block_config(self) -> ZImageConfig:
-        return ZImageConfig(dim=self.dim, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden, adaln_dim=self.adaln_dim)
+    @property
+    def dim(self) -> int:
+        return self.block.dim
 
     @property
     def name(self) -> str:
@@ -86,11 +84,11 @@ class ControlNetConfig:
         dim, patch_dim = shape(ANCHOR)
         in_ch = 33 if patch_dim % 33 == 0 else LATENT_CHANNELS
         control_refiner = "control_noise_refiner.0.after_proj.weight" in keys
+        block = ZImageConfig(dim=dim, head_dim=shape("control_layers.0.attention.q_norm.weight")[0],
+                             ffn_hidden=shape("control_layers.0.feed_forward.w1.weight")[0],
+                             adaln_dim=shape("control_layers.0.adaLN_modulation.0.weight")[1])
         return cls(
-            dim=dim,
-            head_dim=shape("control_layers.0.attention.q_norm.weight")[0],
-            ffn_hidden=shape("control_layers.0.feed_forward.w1.weight")[0],
-            adaln_dim=shape("control_layers.0.adaLN_modulation.0.weight")[1],
+            block=block,
             in_channels=in_ch,
             patch_size=math.isqrt(patch_dim // in_ch),
             n_layers=count("control_layers."),
@@ -118,7 +116,7 @@ class ZImageControlNet(nn.Module):
     def __init__(self, cfg: ControlNetConfig, device=None):
         super().__init__()
         self.cfg = cfg
-        bc = cfg.block_config()
+        bc = cfg.block
         self.control_all_x_embedder = nn.ModuleDict(
             {"2-1": Linear(cfg.patch_size**2 * cfg.in_channels, cfg.dim, device=device)}
         )
