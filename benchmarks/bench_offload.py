@@ -34,18 +34,18 @@ TINY = ZImageConfig(dim=256, n_layers=6, n_noise_refiner=2, n_context_refiner=2,
                     cap_feat_dim=128, axes_dims=(16, 24, 24))
 
 
-def build(cfg: ZImageConfig, fp8: bool, seed: int = 0) -> ZImageTransformer:
-    """The model on the host with random weights (bf16, or fp8 linears with per-tensor scales)."""
+def build(cfg: ZImageConfig, fp8: bool, seed: int = 0, device: torch.device | str = "cpu") -> ZImageTransformer:
+    """The model with random weights made on ``device`` (bf16, or fp8 linears with per-tensor scales)."""
     with torch.device("meta"):
         model = ZImageTransformer(cfg, dtype=torch.bfloat16)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     for name, p in list(model.named_parameters()):
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if "norm" in name or name.startswith("cap_embedder.0"):
-            t = torch.ones(p.shape, dtype=torch.bfloat16)
+            t = torch.ones(p.shape, dtype=torch.bfloat16, device=device)
         else:
-            t = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            t = torch.randn(p.shape, generator=g, dtype=torch.float32, device=device)
             t = (t / math.sqrt(p.shape[-1]) if p.ndim == 2 else t * 0.02).to(torch.bfloat16)
         if fp8 and hasattr(owner, "weight_scale") and leaf == "weight" and p.ndim == 2:
             t, scale = quantize_fp8(t, torch.float8_e4m3fn)
@@ -54,8 +54,9 @@ def build(cfg: ZImageConfig, fp8: bool, seed: int = 0) -> ZImageTransformer:
     return model.eval()
 
 
-def loop(call, x, steps, sync):
-    """``steps`` Euler steps of the Turbo schedule; returns seconds per step after the first (warm-up) step."""
+def loop(call, x, steps, sync, per_step: bool = False):
+    """``steps`` Euler steps of the Turbo schedule; returns seconds per step after the first (warm-up) step
+    (``per_step``: the list of every step's seconds, warm-up included)."""
     sig = zc.sigmas(steps)
     times = []
     for i in range(steps):
@@ -66,7 +67,7 @@ def loop(call, x, steps, sync):
         x = x + (sig[i + 1] - sig[i]).to(x.device) * (-pred.float())
         sync()
         times.append(time.perf_counter() - t0)
-    return sum(times[1:]) / max(len(times) - 1, 1)
+    return times if per_step else sum(times[1:]) / max(len(times) - 1, 1)
 
 
 def ours(model, budget, x, caps, steps, sync, dev, size):
