@@ -110,6 +110,8 @@ def diffusers_model(model: ZImageTransformer):
     for name, p in model.named_parameters():
         if "norm" in name or "pad_token" in name or name.startswith("cap_embedder.0"):
             sd[name.replace("attention.q_norm", "attention.norm_q").replace("attention.k_norm", "attention.norm_k")] = p.to(torch.bfloat16)
+    # tensors made under inference_mode (by a streamer, say) cannot become parameters outside it: copy those
+    sd = {k: v.clone() if v.is_inference() else v for k, v in sd.items()}
     ref.load_state_dict(sd, assign=True, strict=True)
     return ref.eval()
 

@@ -148,12 +148,12 @@ def section_resident(ctx, model, a):
                 steps = loop(f, ctx.x, ctx.steps, ctx.sync, per_step=True)
                 rows[n]["steps"].append(steps)
                 rows[n]["peak_gb"] = ctx.peak_gb()
-    for n, r in rows.items():
+    for r in rows.values():
         runs = r.pop("steps")[1:]
         per_step = [median([run[i] for run in runs]) for i in range(ctx.steps)]
         r.update(per_step_s=per_step, image_s=sum(per_step), step_s=median(per_step[1:]), unevenness=unevenness(per_step))
     base = rows["ours"]["image_s"]
-    for n, r in rows.items():
+    for r in rows.values():
         r["ours_over_this"] = base / r["image_s"]
     R["resident"] = {"rows": rows, "agreement_rel_to_ours": agree, "notes": notes}
     section_backends(ctx, model)
@@ -216,15 +216,15 @@ def section_backends(ctx, model):
 def section_offload(ctx, model, label, budgets, resident_image_s):
     rows = []
     for b in budgets:
-        ctx.reset_peak()
         st = offload(model, mode="budget", budget_gb=float(b), device=ctx.dev, width=ctx.size, height=ctx.size)
+        ctx.reset_peak()  # after attaching: a model that was resident before is not part of this budget's peak
         st.copied_bytes = 0
         with torch.inference_mode():
             steps = loop(lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap]), ctx.x, ctx.steps, ctx.sync, per_step=True)
         rows.append({"budget_gb": b, "plan": st.plan.describe(), "peak_gb": ctx.peak_gb(),
                      "per_step_s": steps, "image_s": sum(steps), "ratio_to_resident": sum(steps) / resident_image_s,
                      "streamed_gb_per_step": st.copied_bytes / ctx.steps / GB, "unevenness": unevenness(steps),
-                     "ledger_peak_gb": st.ledger.peak / GB})
+                     "ledger_peak_gb": st.ledger.peak / GB, "planned_peak_gb": st.plan.peak_bytes / GB})
         st.detach()
         R.setdefault("offload", {})[label] = rows
         write(ctx)
@@ -245,6 +245,31 @@ def section_diffusers_offload(ctx, model, resident_image_s):
     R["diffusers_offload"] = rows
 
 
+def section_compile(ctx, model, a, eager_image_s):
+    """Regional compilation (each block compiled once per shape, as ComfyUI's TorchCompileModel does it)."""
+    model.to(ctx.dev)
+    for b in model.blocks():
+        b.compile(dynamic=False)
+    f = lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        first = loop(f, ctx.x, ctx.steps, ctx.sync, per_step=True)  # includes compiling
+        compile_s = time.perf_counter() - t0
+        runs = [loop(f, ctx.x, ctx.steps, ctx.sync, per_step=True) for _ in range(a.repeats)]
+        t = torch.tensor([0.5], device=ctx.dev)
+        out = f(ctx.x, t).float()
+    per_step = [median([r[i] for r in runs]) for i in range(ctx.steps)]
+    for b in model.blocks():
+        b._compiled_call_impl = None  # back to eager
+    with torch.inference_mode():
+        ref = f(ctx.x, t).float()
+    R["compile"] = {"first_image_s_incl_compile": sum(first), "compile_wall_s": compile_s, "image_s": sum(per_step),
+                    "ratio_to_eager": sum(per_step) / eager_image_s, "rel_to_eager": rel(out, ref)}
+    native = R.get("resident", {}).get("rows", {}).get("comfyui_native")
+    if native:
+        R["compile"]["ratio_to_native_eager"] = sum(per_step) / native["image_s"]
+
+
 def section_fp8(ctx, a, bf16_image_s):
     model = build(ctx.cfg, fp8=True, device=ctx.dev)
     ctx.reset_peak()
@@ -259,7 +284,7 @@ def section_fp8(ctx, a, bf16_image_s):
     model.to("cpu")
     gc.collect()
     section_offload(ctx, model, "fp8", a.fp8_budgets.split(","), sum(per_step))
-    del model
+    model = None  # noqa: F841 (frees the weights before the next section)
     gc.collect()
 
 
@@ -290,7 +315,7 @@ def section_text_encoder(ctx, a):
 
     ctx.reset_peak()
     out = {"ours_s": timed(lambda: te(ids)), "ours_peak_gb": ctx.peak_gb(), "tokens": a.tokens}
-    del te
+    te = None  # noqa: F841
     gc.collect()
     try:
         from transformers import Qwen3Config as HFConfig
@@ -306,7 +331,7 @@ def section_text_encoder(ctx, a):
         out["transformers_s"] = timed(lambda: ref(input_ids=ids, output_hidden_states=True).hidden_states[-2])
         out["transformers_peak_gb"] = ctx.peak_gb()
         out["ours_over_transformers"] = out["ours_s"] / out["transformers_s"]
-        del ref
+        ref = None  # noqa: F841
     except Exception as e:  # noqa: BLE001
         out["transformers"] = f"skipped: {type(e).__name__}: {e}"
     gc.collect()
@@ -359,16 +384,20 @@ def markdown() -> str:
     if "attention_forward_s" in R:
         L += ["", "## One forward per attention backend (s)", ""] + [f"- {k}: {f(v, 4)}" for k, v in R["attention_forward_s"].items()]
     for label, rows in R.get("offload", {}).items():
-        L += ["", f"## Ours under a VRAM budget ({label})", "", "| budget GB | s/image | × resident | peak GB | streamed GB/step | unevenness | plan |",
-              "|---|---|---|---|---|---|---|"]
+        L += ["", f"## Ours under a VRAM budget ({label})", "",
+              "| budget GB | s/image | × resident | peak GB | planned peak GB | streamed GB/step | unevenness | plan |",
+              "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             L.append(f"| {r['budget_gb']} | {f(r['image_s'])} | {f(r['ratio_to_resident'], 2)} | {f(r['peak_gb'], 2)} | "
+                     f"{f(r.get('planned_peak_gb'), 2)} | "
                      f"{f(r['streamed_gb_per_step'], 2)} | {f(r['unevenness'])} | {r['plan']} |")
     if "diffusers_offload" in R:
         L += ["", "## diffusers offloading, same weights", "", "| method | s/step | peak GB | 8-step image ÷ our resident |", "|---|---|---|---|"]
         for k, r in R["diffusers_offload"].items():
             L.append(f"| {k} | {f(r.get('step_s'))} | {f(r.get('peak_gb'), 2)} | {f(r.get('ratio_to_our_resident'), 2)} |"
                      if "error" not in r else f"| {k} | {r['error']} | | |")
+    if "compile" in R:
+        L += ["", "## Ours compiled (torch.compile per block)", ""] + [f"- {k}: {f(v)}" for k, v in R["compile"].items()]
     if "fp8" in R:
         r = R["fp8"]
         L += ["", f"## Weight-only fp8: {f(r['weights_gb'], 2)} GB of weights, {f(r['image_s'])} s/image, "
@@ -403,7 +432,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budgets", default="12,8,6")
     ap.add_argument("--fp8-budgets", default="6")
-    ap.add_argument("--sections", default="resident,offload,diffusers_offload,fp8,text_encoder,vae")
+    ap.add_argument("--sections", default="resident,offload,diffusers_offload,compile,fp8,text_encoder,vae")
     ap.add_argument("--skip-native", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small config, to check the script on any machine")
     a = ap.parse_args()
@@ -452,7 +481,8 @@ def main():
     run("offload", lambda: section_offload(ctx, model, "bf16", a.budgets.split(","), resident_s))
     if ctx.cuda:
         run("diffusers_offload", lambda: section_diffusers_offload(ctx, model, resident_s))
-    del model
+    run("compile", lambda: section_compile(ctx, model, a, resident_s))
+    model = None  # noqa: F841 (frees the weights before the next section)
     gc.collect()
     if ctx.cuda:
         torch.cuda.empty_cache()

@@ -93,3 +93,14 @@ def test_wrong_files_are_named(tmp_path):
     with pytest.raises(zc.ZImageError, match="4 latent channels; Z-Image needs the 16-channel FLUX autoencoder"):
         zc.load_autoencoder(str(tmp_path / "sdxl_vae.safetensors"))
     assert os.path.exists(dit)
+
+
+def test_mid_block_attention_in_query_chunks_is_exact(ae, monkeypatch):
+    """The mid-block's one 512-wide head takes its queries in chunks (bounded score memory): same result."""
+    import zimage_core.autoencoder as autoencoder
+
+    z = ae.encode(image_to_tensor(sample_picture(256, 192, seed=4)))
+    whole = ae.decode(z)
+    monkeypatch.setattr(autoencoder, "SCORE_ELEMENTS", 100 * (256 // 8) * (192 // 8))  # 100 queries a chunk
+    chunked = ae.decode(z)
+    assert rel_err(chunked, whole) < 1e-6

@@ -47,6 +47,9 @@ class ResnetBlock(nn.Module):
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
+SCORE_ELEMENTS = 1 << 26  # attention scores held at once in the mid-block (256 MB in fp32)
+
+
 class AttnBlock(nn.Module):
     def __init__(self, ch: int, groups: int):
         super().__init__()
@@ -57,8 +60,11 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(o)
+        # One head as wide as the channels (512): no fused kernel takes it, so SDPA builds the whole score matrix
+        # (20 GB at 2048², measured on an H200). Queries in chunks bound it; exact, each query's softmax is its own.
+        step = max(1, SCORE_ELEMENTS // (h * w))
+        o = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + step], k, v) for i in range(0, h * w, step)], dim=2)
+        return x + self.proj_out(o.transpose(2, 3).reshape(b, c, h, w))
 
 
 class Mid(nn.Module):

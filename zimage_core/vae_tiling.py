@@ -94,11 +94,26 @@ def _level(level: nn.Module, x, tile, dev, store):
     return x
 
 
+def store_device(dev: torch.device, full_res_bytes: int) -> torch.device:
+    """Where whole-image activations wait between layers: the compute device when a few of them fit in its free
+    memory (then tiling only bounds each convolution's workspace, at untiled speed), else host memory (every layer
+    then crosses the bus: about 70× slower at 1024² on an H200, but it fits any card)."""
+    if dev.type != "cuda":
+        return dev
+    return dev if 4 * full_res_bytes < torch.cuda.mem_get_info(dev)[0] else torch.device("cpu")
+
+
+def _full_res_bytes(ae: nn.Module, b: int, h: int, w: int) -> int:
+    """Bytes of the largest whole-image activation: the widest full-resolution level."""
+    chs = max(ae.encoder.down[0].block[0].conv1.out_channels, ae.decoder.up[0].block[0].conv1.out_channels)
+    return b * chs * h * w * torch.finfo(ae.compute_dtype).bits // 8
+
+
 @torch.inference_mode()
 def decode_tiled(ae: nn.Module, z: torch.Tensor, tile: int) -> torch.Tensor:
     """Raw latents → decoder output in [-1, 1] (fp32, on the store device); ``tile`` in output pixels."""
     dev = ae.device
-    store = torch.device("cpu") if dev.type != "cpu" else dev
+    store = store_device(dev, _full_res_bytes(ae, z.shape[0], z.shape[2] * ae.factor, z.shape[3] * ae.factor))
     d = ae.decoder
     h = d.mid(d.conv_in(z.to(dev, ae.compute_dtype))).to(store)
     scale = ae.factor
@@ -114,7 +129,7 @@ def decode_tiled(ae: nn.Module, z: torch.Tensor, tile: int) -> torch.Tensor:
 def encode_moments_tiled(ae: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
     """Images in [-1, 1] → encoder output (mean and log-variance), tile by tile; ``tile`` in input pixels."""
     dev = ae.device
-    store = torch.device("cpu") if dev.type != "cpu" else dev
+    store = store_device(dev, _full_res_bytes(ae, x.shape[0], x.shape[2], x.shape[3]))
     e = ae.encoder
     h = conv_tiled(e.conv_in, x.to(store, ae.compute_dtype), tile, dev, store)
     scale = 1
