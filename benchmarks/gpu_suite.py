@@ -156,10 +156,30 @@ def section_resident(ctx, model, a):
     for r in rows.values():
         r["ours_over_this"] = base / r["image_s"]
     R["resident"] = {"rows": rows, "agreement_rel_to_ours": agree, "notes": notes}
+    if ctx.cuda:
+        R["profile"] = {n: kernel_table(ctx, f) for n, f in impls[:2]}
     section_backends(ctx, model)
     section_sampler(ctx, model)
     del native, ref, impls
     gc.collect()
+
+
+def kernel_table(ctx, f, top: int = 12) -> list[dict]:
+    """The GPU kernels of one forward, by total device time (where the time goes, and what native does differently)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = torch.tensor([0.5], device=ctx.dev)
+    with torch.inference_mode():
+        f(ctx.x, t)
+        ctx.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            f(ctx.x, t)
+            ctx.sync()
+    rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages()]
+    total = sum(r[1] for r in rows) or 1
+    rows.sort(key=lambda r: -r[1])
+    return [{"kernel": k[:90], "ms": us / 1e3, "share": us / total, "calls": c} for k, us, c in rows[:top]] + [
+        {"kernel": "TOTAL", "ms": total / 1e3, "share": 1.0, "calls": sum(r[2] for r in rows)}]
 
 
 def section_sampler(ctx, model):
@@ -379,6 +399,9 @@ def markdown() -> str:
             L.append(f"| {n} | {f(r['image_s'])} | {f(r['step_s'])} | {f(r['peak_gb'], 2)} | {f(r['ours_over_this'])} | {f(r['unevenness'])} |")
         L += ["", f"Agreement with ours (relative L2, bf16): {R['resident']['agreement_rel_to_ours']}"]
         L += [f"Note: {n}" for n in R["resident"]["notes"]]
+    for n, rows in R.get("profile", {}).items():
+        L += ["", f"### Kernels of one forward: {n}", "", "| kernel | ms | share | calls |", "|---|---|---|---|"]
+        L += [f"| `{r['kernel']}` | {f(r['ms'])} | {f(r['share'])} | {r['calls']} |" for r in rows]
     if "sampler" in R:
         L += ["", f"Our sampler end to end (zc.sample, 8 steps): {f(R['sampler']['image_s'])} s/image"]
     if "attention_forward_s" in R:
