@@ -157,7 +157,10 @@ def section_resident(ctx, model, a):
         r["ours_over_this"] = base / r["image_s"]
     R["resident"] = {"rows": rows, "agreement_rel_to_ours": agree, "notes": notes}
     if ctx.cuda:
-        R["profile"] = {n: kernel_table(ctx, f) for n, f in impls[:2]}
+        try:
+            R["profile"] = {n: kernel_table(ctx, f) for n, f in impls[:2]}
+        except Exception as e:  # noqa: BLE001 — the profile is a bonus
+            notes.append(f"profile failed: {type(e).__name__}: {e}")
     section_backends(ctx, model)
     section_sampler(ctx, model)
     del native, ref, impls
