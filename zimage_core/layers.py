@@ -2,8 +2,9 @@
 
 ``Linear`` keeps its weight in the storage dtype it was loaded with (bf16, fp16, fp32, or fp8 with an
 optional per-tensor scale) and casts it to the activation dtype at call time, so an fp8 file costs fp8
-memory and a bf16 file can run in fp32 without a second full copy. Run-time weight patches (LoRA on
-fp8 storage) hook in here too.
+memory and a bf16 file can run in fp32 without a second full copy. A weight can also be ``Packed``
+(GGUF and other block formats, see packed.py): it is expanded per call on the device it sits on. Run-time
+weight patches (LoRA on fp8 or packed storage) hook in here too.
 """
 
 from __future__ import annotations
@@ -12,10 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed import Packed
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-class Linear(nn.Module):
+class StoredWeight(nn.Module):
+    """A module whose ``weight`` is a Parameter in a storage dtype or a ``Packed`` (assign either)."""
+
+    def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, Packed):
+            self._parameters.pop("weight", None)
+            object.__setattr__(self, "weight", value)
+            return
+        if name == "weight" and isinstance(self.__dict__.get("weight"), Packed):
+            del self.__dict__["weight"]
+        super().__setattr__(name, value)
+
+    @property
+    def patch_only(self) -> bool:
+        """Weight changes must stay run-time patches: re-quantising fp8 or packed storage would lose them."""
+        return isinstance(self.weight, Packed) or self.weight.dtype in FP8_DTYPES
+
+
+class Linear(StoredWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -28,6 +49,8 @@ class Linear(nn.Module):
 
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight
+        if isinstance(w, Packed):
+            return w.dequantize(dtype)
         if w.dtype != dtype:
             w = w.to(dtype)
         if self.weight_scale is not None:
@@ -45,7 +68,7 @@ class Linear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}→{self.out_features}, storage={self.weight.dtype}"
+        return f"{self.in_features}→{self.out_features}, storage={self.weight.fmt.name if isinstance(self.weight, Packed) else self.weight.dtype}"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -54,7 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-class Embedding(nn.Module):
+class Embedding(StoredWeight):
     """Token embedding whose table keeps its storage dtype (like ``Linear``); rows are cast on lookup."""
 
     def __init__(self, num: int, dim: int, device=None):
@@ -63,6 +86,10 @@ class Embedding(nn.Module):
         self.weight_scale: torch.Tensor | None = None
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(self.weight, Packed):  # expand only the rows looked up
+            w, flat = self.weight, ids.reshape(-1).to(self.weight.device)
+            rows = w.rows(flat).dequantize(dtype) if w.fmt.rowwise else w.dequantize(dtype)[flat]
+            return rows.reshape(*ids.shape, -1)
         rows = F.embedding(ids.to(self.weight.device), self.weight).to(dtype)
         if self.weight_scale is not None:
             rows = rows * self.weight_scale.to(device=rows.device, dtype=dtype)

@@ -2,8 +2,8 @@
 
 Each target tensor is produced from its source keys only when it is assigned, converted once, and the
 source pages are released, so peak memory stays near the weights at their target dtype. ``Linear``
-and ``Embedding`` weights keep a storage dtype (fp8 stays fp8; a bf16 file run in fp32 stays bf16); everything else is
-stored in the compute dtype.
+and ``Embedding`` weights keep a storage dtype (fp8 stays fp8; a bf16 file run in fp32 stays bf16) or stay ``Packed``
+(GGUF blocks); everything else is stored in the compute dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import ZImageError
 from .layers import FP8_DTYPES
+from .packed import Packed, stack_rows
 from .quant import quantize_fp8, read_weight
 
 
@@ -43,7 +44,7 @@ def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: 
     return compute
 
 
-def _gather(files, src: Source, formats) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gather(files, src: Source, formats) -> tuple[torch.Tensor | Packed, torch.Tensor | None]:
     parts = [read_weight(files, k, formats) if k.endswith(".weight") else files.get(k) for k in src.keys]
     scales = src.scales or [None] * len(parts)
     if all(s is None for s in scales):
@@ -58,6 +59,8 @@ def _gather(files, src: Source, formats) -> tuple[torch.Tensor, torch.Tensor | N
         scale = torch.cat(rows)[:, None]
     if len(parts) == 1:
         return parts[0], scale
+    if any(isinstance(p, Packed) for p in parts):
+        return stack_rows(parts), scale
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:  # mixed storage across fused parts: fall back to the widest float
         parts = [p.float() for p in parts]
@@ -91,6 +94,19 @@ def fill_module(
     for name, param in wanted.items():
         src = plan[name]
         t, scale = _gather(files, src, formats)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if isinstance(t, Packed) and (owner_name not in stored or leaf != "weight" or storage_dtype is not None):
+            t = t.dequantize(torch.float32)  # a packed norm or bias, or a storage dtype asked for: expand once
+        if isinstance(t, Packed):
+            if tuple(t.shape) != tuple(param.shape):
+                raise ZImageError(f"{files.path}: tensor {src.keys[0]} has shape {list(t.shape)}, expected "
+                                  f"{list(param.shape)} for {name}. The file does not match this {what}'s architecture.")
+            owner.weight_scale = None
+            owner.weight = t.map(lambda x: x.to(device))
+            if on_tensor:
+                on_tensor(name)
+            continue
         if src.view is not None and t.numel() == param.numel():
             t = t.reshape(src.view)
         if tuple(t.shape) != tuple(param.shape):
@@ -98,8 +114,6 @@ def fill_module(
                 f"{files.path}: tensor {src.keys[0]} has shape {list(t.shape)}, expected {list(param.shape)} "
                 f"for {name}. The file does not match this {what}'s architecture."
             )
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
         if owner_name in stored and leaf == "weight":
             target = storage_dtype_for(t.dtype, compute_dtype, storage_dtype)
             if target in FP8_DTYPES and t.dtype != target:
@@ -116,7 +130,7 @@ def fill_module(
         t = t.to(device)
         setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
         for k in src.keys:
-            if t.data_ptr() != files.get(k).data_ptr():
+            if not isinstance(files.get(k), Packed) and t.data_ptr() != files.get(k).data_ptr():
                 files.release(k)
         if on_tensor:
             on_tensor(name)

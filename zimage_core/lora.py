@@ -11,7 +11,7 @@ Scales follow each format: LoRA alpha/rank (1 without alpha, as PEFT and diffuse
 alpha/dim only when a factor is itself factored (as LyCORIS and ComfyUI), LoHa alpha/rank.
 
 ``LoraPatcher`` merges deltas into bf16/fp16/fp32 weights (keeping the original tensors to restore them
-bit for bit) or, for fp8 storage, attaches them as run-time patches so nothing is re-quantised.
+bit for bit) or, for fp8 or packed storage, attaches them as run-time patches so nothing is re-quantised.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ZImageError
-from .layers import FP8_DTYPES, Linear
+from .layers import Linear
 from .layouts import WRAPPER_PREFIXES, diffusers_names
 from .safetensors_io import open_weights
 
@@ -255,7 +255,7 @@ class LoraPatcher:
         with torch.no_grad():
             for name, items in per.items():
                 lin = self.model.get_submodule(name)
-                if runtime or lin.weight.dtype in FP8_DTYPES:  # fp8 is never re-quantised: always at run time
+                if runtime or lin.patch_only:  # fp8 and packed weights are never re-quantised: always at run time
                     lin.patches = [self._runtime_patch(lin, d, s) for d, s in items]
                     self.runtime.add(name)
                     continue

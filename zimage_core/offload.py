@@ -3,7 +3,8 @@ executor that streams the others from pinned host memory, ahead of use, on a sep
 
 A Z-Image block holds 177 M parameters (354 MB in bf16, 177 MB in fp8) and costs about 1.5 TFLOP at
 1024×1024, so its copy over PCIe takes about as long as its compute: with prefetching, streamed blocks
-cost little more than resident ones. Streamed blocks travel in their storage dtype (fp8 stays fp8).
+cost little more than resident ones. Streamed blocks travel in their storage form (fp8 stays fp8, a ``Packed``
+GGUF weight travels as its blocks), and the planner counts those bytes.
 
 The same plan logic runs on a CPU-only machine: there the "device" copy is a real clone, every byte
 placed for compute is recorded in a ledger, and tests check the ledger against the plan.
@@ -20,21 +21,22 @@ from torch import nn
 
 from .blocks import PLAIN, Executor
 from .errors import ZImageError
+from .packed import Packed
 
 log = logging.getLogger("zimage")
 GB = 1024**3
 MODES = ("auto", "budget", "resident", "min_vram")
 
 
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+def tensor_bytes(t: torch.Tensor | Packed | None) -> int:
+    return 0 if t is None else t.nbytes if isinstance(t, Packed) else t.numel() * t.element_size()
 
 
 def module_bytes(m: nn.Module) -> int:
-    """Bytes of a module's weights at their storage dtype (plus fp8 scales and run-time patches)."""
+    """Bytes of a module's weights in their storage form (plus fp8 scales, packed weights and run-time patches)."""
     total = sum(tensor_bytes(p) for p in m.parameters()) + sum(tensor_bytes(b) for b in m.buffers())
     for sub in m.modules():
-        total += tensor_bytes(getattr(sub, "weight_scale", None))
+        total += tensor_bytes(getattr(sub, "weight_scale", None)) + tensor_bytes(_packed(sub))
         for down, up, _ in getattr(sub, "patches", ()):
             total += tensor_bytes(down) + tensor_bytes(up)
     return total
@@ -110,8 +112,9 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
     blocks = model.blocks()
     sizes = [module_bytes(b) for b in blocks]
     hosts = getattr(model, "host_modules", list)()
-    skip = {id(p) for m in [*blocks, *hosts] for p in m.parameters()}
+    skip = {id(p) for m in [*blocks, *hosts] for p in m.parameters()} | {id(m) for b in [*blocks, *hosts] for m in b.modules()}
     fixed = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in skip)
+    fixed += sum(tensor_bytes(_packed(m)) for m in model.modules() if id(m) not in skip)
     total = sum(sizes)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     notes: list[str] = []
@@ -161,9 +164,17 @@ class Ledger:
         self.now -= n
 
 
+def _packed(m: nn.Module) -> Packed | None:
+    w = m.__dict__.get("weight")
+    return w if isinstance(w, Packed) else None
+
+
 def _slots(module: nn.Module, recurse: bool = True):
-    """(module, name, kind) for every tensor a module holds: parameters, buffers, fp8 scales, LoRA patches."""
+    """(module, name, kind) for every tensor a module holds: parameters, buffers, packed weights, fp8 scales,
+    LoRA patches."""
     for m in module.modules() if recurse else [module]:
+        if _packed(m) is not None:
+            yield m, "weight", "attr"
         for name, p in m._parameters.items():
             if p is not None:
                 yield m, name, "param"
@@ -195,10 +206,19 @@ def _bytes(v) -> int:
     return tensor_bytes(v)
 
 
+def _tensors(v) -> list[torch.Tensor]:
+    """The tensors one slot value holds (for record_stream)."""
+    if isinstance(v, list):
+        return [t for d, u, _ in v for t in (d, u) if t is not None]
+    return list(v.tensors.values()) if isinstance(v, Packed) else [v]
+
+
 def _move(v, device: torch.device, non_blocking: bool = False):
     """A copy of v on ``device`` (a real clone when the device is the CPU, so the CPU ledger counts real bytes)."""
     if isinstance(v, list):
         return [(None if d is None else _move(d, device, non_blocking), _move(u, device, non_blocking), f) for d, u, f in v]
+    if isinstance(v, Packed):
+        return v.map(lambda t: _move(t, device, non_blocking))
     if device.type == "cpu" and v.device.type == "cpu":
         return v.clone()
     return v.to(device, non_blocking=non_blocking)
@@ -207,6 +227,8 @@ def _move(v, device: torch.device, non_blocking: bool = False):
 def _to_host(v, pin: bool):
     if isinstance(v, list):
         return [(None if d is None else _to_host(d, pin), _to_host(u, pin), f) for d, u, f in v]
+    if isinstance(v, Packed):
+        return v.map(lambda t: _to_host(t, pin))
     v = v if v.device.type == "cpu" else v.cpu()
     return v.pin_memory() if pin and not v.is_pinned() else v
 
@@ -244,7 +266,7 @@ class BlockStreamer(Executor):
     def _place(self, slots) -> None:
         for m, n, k in slots:
             v = _get(m, n, k)
-            if isinstance(v, list) or v.device != self.device or self.device.type == "cpu":
+            if isinstance(v, (list, Packed)) or v.device != self.device or self.device.type == "cpu":
                 v = _move(v, self.device)
                 _set(m, n, k, v)
             self.ledger.add(_bytes(v))
@@ -344,7 +366,7 @@ class BlockStreamer(Executor):
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         for (m, n, k), v in zip(slots, dev):
             if stream is not None:  # keep each copy's memory from reuse until the compute using it is done
-                for tensor in ([t for d, u, _ in v for t in (d, u) if t is not None] if isinstance(v, list) else [v]):
+                for tensor in _tensors(v):
                     tensor.record_stream(stream)
             _set(m, n, k, v)
         try:

@@ -14,6 +14,7 @@ from .detect import describe, strip_prefix
 from .errors import ZImageError
 from .layouts import WRAPPER_PREFIXES, internal_name, split_qkv
 from .loader import Source, fill_module, storage_dtype_for
+from .packed import Packed, stack_rows
 from .quant import IGNORED_SUFFIXES, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .transformer import ZImageConfig, ZImageTransformer
@@ -137,7 +138,8 @@ def load_transformer(
 
 def meta_transformer(path: str, dtype: torch.dtype | None = None, storage_dtype: torch.dtype | None = None) -> ZImageTransformer:
     """The model a file would load into, on the meta device, from its header alone (no weights read):
-    parameters carry the dtypes loading would give them, so offload plans can be computed up front."""
+    parameters carry the dtypes loading would give them (GGUF weights stay packed), so offload plans can be
+    computed up front."""
     files, plan, _, _, cfg, compute = read_transformer_header(path, dtype)
     with torch.device("meta"):
         model = ZImageTransformer(cfg, dtype=compute)
@@ -145,6 +147,11 @@ def meta_transformer(path: str, dtype: torch.dtype | None = None, storage_dtype:
     for name, p in list(model.named_parameters()):
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
+        parts = [files.get(k) for k in plan[name].keys] if name in plan else []
+        if owner_name in stored and leaf == "weight" and storage_dtype is None and any(isinstance(p, Packed) for p in parts):
+            meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")  # noqa: E731
+            owner.weight = stack_rows([p.map(meta) if isinstance(p, Packed) else meta(p) for p in parts])
+            continue
         src = files.dtype(plan[name].keys[0]) if name in plan else compute
         target = storage_dtype_for(src, compute, storage_dtype) if owner_name in stored and leaf == "weight" else compute
         setattr(owner, leaf, torch.nn.Parameter(torch.empty(p.shape, dtype=target, device="meta"), requires_grad=False))
