@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import routes  # noqa: F401  (registers the frontend's server routes)
 from .conditioning import ZImageTextEncode
+from .controlnet import ZImageApplyControlNet, ZImageControlNetLoader
 from .edit import ZImageEditEncode
 from .latents import ZImageEmptyLatent, ZImageImageToLatent
 from .loaders import ZImageModelLoader, ZImageTextEncoderLoader
@@ -14,7 +15,7 @@ from .sampling import ZImageSampler
 
 NODES: list[type[io.ComfyNode]] = [
     ZImageModelLoader, ZImageTextEncoderLoader, ZImageTextEncode, ZImageSampler, ZImageEmptyLatent, ZImageImageToLatent,
-    ZImageLoraLoader, ZImageEditEncode,
+    ZImageLoraLoader, ZImageEditEncode, ZImageControlNetLoader, ZImageApplyControlNet,
 ]
 
 

@@ -110,6 +110,8 @@ class Handle:
     def __init__(self, module, patcher: ZImagePatcher, path: str, options: dict):
         self.module, self.patcher, self.path, self.options = module, patcher, path, options
         self.loras: list[tuple[str, float]] = []
+        self.controls: list = []  # zimage_core.controlnet.Control, from Z-Image Apply ControlNet
+        self.control_patchers: list[ModelPatcher] = []  # their control models, loaded with this model
 
     def __repr__(self):
         return f"<Z-Image {type(self.module).__name__} from {os.path.basename(self.path)}>"
@@ -118,6 +120,7 @@ class Handle:
         """A new handle on the same module and patcher, with one more LoRA in its stack."""
         h = Handle(self.module, self.patcher, self.path, self.options)
         h.loras = [*self.loras, (lora, strength)]
+        h.controls, h.control_patchers = self.controls, self.control_patchers
         return h
 
     def activate(self) -> None:

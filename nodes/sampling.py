@@ -13,6 +13,7 @@ from comfy_api.latest import io
 import zimage_core as zc
 from zimage_core.offload import activation_bytes
 
+from .controlnet import controls_of
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
 from .routes import confirmed_plan
 from .types import ZImageModel
@@ -76,8 +77,11 @@ class ZImageSampler(io.ComfyNode):
         settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation)
         dit = model.module
         job = prepare_sampling(dit, positive, negative, latent_image, settings)
+        job.control = controls_of(model)
         b, _, h, w = job.noise.shape
         model.activate()
+        if model.control_patchers:  # ControlNets stay resident while sampling (they are small)
+            mm.load_models_gpu(model.control_patchers)
         model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
         previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())
         pbar = comfy.utils.ProgressBar(steps)  # each step reports the true total (fewer steps when denoise < 1)

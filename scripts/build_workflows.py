@@ -26,7 +26,8 @@ OUTPUT_TYPES = {
     "ZImageTextEncode": ["CONDITIONING"], "ZImageEmptyLatent": ["LATENT"], "ZImageSampler": ["LATENT"],
     "ZImageImageToLatent": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"], "SaveImage": [],
     "LoadImage": ["IMAGE", "MASK"], "MarkdownNote": [], "ZImageLoraLoader": ["ZIMAGE_MODEL"],
-    "ZImageEditEncode": ["CONDITIONING", "CONDITIONING", "LATENT"],
+    "ZImageEditEncode": ["CONDITIONING", "CONDITIONING", "LATENT"], "ZImageControlNetLoader": ["ZIMAGE_CONTROLNET"],
+    "ZImageApplyControlNet": ["ZIMAGE_MODEL"], "Canny": ["IMAGE"],
 }
 OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"], "ZImageEditEncode": ["positive", "negative", "latent"]}
 
@@ -153,6 +154,48 @@ def reference_edit(name, title, images, prompt, tips):
     finish(g, name, title, 1220, m, (enc, 0), (enc, 2), vae, [5, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0], (enc, 1))
 
 
+CONTROLNET_FILES = """
+| `models/model_patches/` | `{file}` | [alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1](https://huggingface.co/alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1) |
+"""
+
+
+def controlnet(name, title, file, inpaint, tips):
+    """Load Image → (Canny →) Z-Image Apply ControlNet on the model → sampler."""
+    model = "z_image_turbo_bf16.safetensors"
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips).replace(
+        "\n\n", CONTROLNET_FILES.format(file=file) + "\n", 1))
+    load = g.node("LoadImage", (400, 420), ["zimage_inpaint_example.png" if inpaint else "zimage_example.png", "image"],
+                  size=(320, 360))
+    vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))
+    cn = g.node("ZImageControlNetLoader", (20, 880), [file, "auto"], size=(340, 90))
+    ins = [("model", "ZIMAGE_MODEL"), ("control_net", "ZIMAGE_CONTROLNET"), ("vae", "VAE")]
+    ins += [("inpaint_image", "IMAGE"), ("mask", "MASK")] if inpaint else [("image", "IMAGE")]
+    apply = g.node("ZImageApplyControlNet", (760, 820), [0.9 if inpaint else 0.75, 0.0, 1.0], size=(320, 230), inputs=ins,
+                   color=("#223", "#335"))
+    g.link(m, 0, apply, "model")
+    g.link(cn, 0, apply, "control_net")
+    g.link(vae, 0, apply, "vae")
+    if inpaint:
+        g.link(load, 0, apply, "inpaint_image")
+        g.link(load, 1, apply, "mask")
+        enc = g.node("ZImageImageToLatent", (760, 420), [6, 8, "crop"], size=(320, 160),
+                     inputs=[("image", "IMAGE"), ("vae", "VAE"), ("mask", "MASK")])
+        g.link(load, 0, enc, "image")
+        g.link(vae, 0, enc, "vae")
+        g.link(load, 1, enc, "mask")
+        latent, prompt = (enc, 0), "a small wooden cabin with a warm glowing window"
+    else:
+        canny = g.node("Canny", (400, 920), [0.4, 0.8], size=(320, 90), inputs=[("image", "IMAGE")])
+        g.link(load, 0, canny, "image")
+        g.link(canny, 0, apply, "image")
+        enc = g.node("ZImageEmptyLatent", (760, 420), ["1:1 (1024×1024)", 1024, 1024, 1], size=(320, 170))
+        latent, prompt = (enc, 0), "a cozy mountain village at dusk, warm lights, snow, detailed illustration"
+    pos = g.node("ZImageTextEncode", (760, 620), [prompt], size=(420, 160), title="Prompt",
+                 inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
+    g.link(te, 0, pos, "text_encoder")
+    finish(g, name, title, 1220, apply, (pos, 0), latent, vae, [11, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0])
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     text_to_image(
@@ -188,6 +231,19 @@ def main():
     edit("z_image_turbo_inpainting", "Z-Image-Turbo: inpainting", "zimage_inpaint_example.png", True, 1.0,
          "**Settings:** paint the area to replace in the Load Image mask editor (right-click → Open in MaskEditor). "
          "grow_mask_by and feather blend the edges; denoise 1 fully repaints the masked area.")
+    controlnet(
+        "z_image_turbo_controlnet_canny", "Z-Image-Turbo: ControlNet (canny edges)",
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors", False,
+        "**ControlNet:** the core Canny node turns your picture into an edge map; any preprocessor works (depth, pose, "
+        "HED, scribble, gray, tile from a preprocessor pack). strength 0.65–0.9; lower end_percent lets details depart "
+        "from the edges. The empty latent sets the output size (the control image is resized to it). Every Fun "
+        "ControlNet Union version loads here: v1, 2.0, 2.1, lite, tile, 2602.")
+    controlnet(
+        "z_image_turbo_controlnet_inpainting", "Z-Image-Turbo: ControlNet inpainting",
+        "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors", True,
+        "**ControlNet inpainting (2.x models):** paint the area to replace in the Load Image mask editor. The ControlNet "
+        "sees the picture with that area blanked and the mask; the sampler keeps the rest of the picture. Add a control "
+        "image too (e.g. a pose) to guide what is painted.")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,10 @@ def populate(base: str) -> None:
                "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)},
               os.path.join(models, "diffusion_models", "not_zimage_sdxl.safetensors"))
     write_loras(os.path.join(models, "loras"), dit)
+    from tiny import diffusers_controlnet, save_controlnet
+
+    save_controlnet(diffusers_controlnet("2.1"), os.path.join(models, "model_patches",
+                    "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"), "2.1", dtype=torch.bfloat16)
     inp = os.path.join(base, "input")
     os.makedirs(inp, exist_ok=True)
     sample_picture(256, 192, seed=1).save(os.path.join(inp, "zimage_example.png"))

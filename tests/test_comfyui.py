@@ -15,7 +15,7 @@ if COMFY is None:
                 allow_module_level=True)
 
 OUR_NODES = {"ZImageModelLoader", "ZImageTextEncoderLoader", "ZImageTextEncode", "ZImageSampler", "ZImageEmptyLatent",
-             "ZImageImageToLatent", "ZImageLoraLoader", "ZImageEditEncode"}
+             "ZImageImageToLatent", "ZImageLoraLoader", "ZImageEditEncode", "ZImageControlNetLoader", "ZImageApplyControlNet"}
 WORKFLOW_FILES = sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "example_workflows")) if f.endswith(".json"))
 
 
@@ -105,6 +105,19 @@ def test_loras_change_the_image_and_the_base_graph_stays_plain(server, object_in
     assert np.array_equal(a[0], c[0])  # and applying them again is deterministic
     assert np.array_equal(b[0], d[0])  # strength 0 = the cached base model, restored bit for bit
     assert np.array_equal(b[0], run(server, plain, 11)[0][0])
+
+
+def test_controlnet_changes_the_image_strength_zero_is_plain(server, object_info):
+    ctl = shrink(to_api(load_workflow("z_image_turbo_controlnet_canny.json"), object_info))
+    apply_id = next(k for k, n in ctl.items() if n["class_type"] == "ZImageApplyControlNet")
+    plain = copy.deepcopy(ctl)
+    for node in plain.values():  # the same graph with the Apply node bypassed
+        if node["class_type"] == "ZImageSampler":
+            node["inputs"]["model"] = plain[apply_id]["inputs"]["model"]
+    off = copy.deepcopy(ctl)
+    off[apply_id]["inputs"]["strength"] = 0.0
+    a, b, c = run(server, ctl, 5)[0][0], run(server, plain, 5)[0][0], run(server, off, 5)[0][0]
+    assert np.abs(a - b).mean() > 1.0 and np.array_equal(b, c)
 
 
 def test_inpainting_keeps_the_unmasked_area(server, object_info):
