@@ -1,4 +1,5 @@
-"""``python -m zimage_core generate …`` — the standalone pipeline; ``info FILE`` tells what a weight file is."""
+"""``python -m zimage_core generate …`` — the standalone pipeline; ``download`` fetches the weights; ``info FILE`` tells
+what a weight file is."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Fun ControlNet Union file (v1, 2.0, 2.1, lite, tile; from alibaba-pai). With a 2.x model, "
                         "--init-image and --mask also feed its inpainting input")
     g.add_argument("--output", "-o", default="zimage.png", help="PNG path; a batch gets _00001… suffixes")
-    g.add_argument("--models", help="a ComfyUI models/ folder (diffusion_models, text_encoders, vae)")
+    g.add_argument("--models", help="a ComfyUI models/ folder (diffusion_models, text_encoders, vae); default: "
+                                    "$COMFYUI_PATH/models, ~/ComfyUI/models, else ~/.cache/zimage/models")
+    g.add_argument("--download", nargs="?", const="bf16", metavar="FORMAT",
+                   help="first fetch the --preset's weights into --models (what `download` does; bf16 unless FORMAT)")
     g.add_argument("--hf", help="an HF-layout Z-Image folder (transformer/, text_encoder/, tokenizer/, vae/)")
     g.add_argument("--transformer")
     g.add_argument("--text-encoder")
@@ -63,17 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--vae-tile", type=int, default=None, help="exact tiled VAE encode/decode with tiles of this many pixels (low memory, no seams)")
+    d = sub.add_parser("download", help="fetch the weights from Hugging Face into a ComfyUI models folder")
+    d.add_argument("model", nargs="?", choices=["turbo", "base"], default="turbo")
+    d.add_argument("--format", default="bf16",
+                   help="bf16 (default; about 21 GB), int8 (Turbo only: ComfyUI's int8 ConvRot DiT and fp8-mixed Qwen3-4B), "
+                        "or gguf-<quant> such as gguf-q8_0, gguf-q4_k_m (community GGUF files of the DiT and Qwen3-4B)")
+    d.add_argument("--hf", action="store_true",
+                   help="the Tongyi-MAI diffusers folder instead, into MODELS_DIR/diffusion_models/Z-Image(-Turbo)/")
+    d.add_argument("--to", metavar="MODELS_DIR", help="default: $COMFYUI_PATH/models, ~/ComfyUI/models, else ~/.cache/zimage/models")
     i = sub.add_parser("info", help="describe a weight file or folder")
     i.add_argument("path")
     return p
-
-
-def _default_models_dir() -> str | None:
-    for cand in (os.environ.get("COMFYUI_PATH") and os.path.join(os.environ["COMFYUI_PATH"], "models"),
-                 os.path.expanduser("~/ComfyUI/models")):
-        if cand and os.path.isdir(cand):
-            return cand
-    return None
 
 
 def _png_info(settings, extra: dict):
@@ -124,10 +128,9 @@ def generate(a) -> list[str]:
     from PIL import Image
     from tqdm import tqdm
 
-    from .pipeline import GenerationSettings, ZImagePipeline, find_weights
+    from .pipeline import GenerationSettings, ZImagePipeline
 
-    paths = find_weights(a.models or (None if (a.hf or a.transformer) else _default_models_dir()), a.hf,
-                         a.transformer, a.text_encoder, a.vae, a.tokenizer)
+    paths = _weights(a)
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
     refs = [Image.open(p).convert("RGB") for p in a.reference]
     if refs and a.width is None and a.height is None:
@@ -186,6 +189,26 @@ def generate(a) -> list[str]:
     return out
 
 
+def _weights(a):
+    """--download fetches the preset's files first; without it a missing file names the command that gets it."""
+    from .download import command, default_models_dir, ensure, files_for
+    from .pipeline import find_weights
+
+    models = a.models or (None if (a.hf or a.transformer) else default_models_dir())
+    if a.download:
+        if models is None:
+            raise ZImageError("--download fills a models folder: use it with --models (or none), not with --hf/--transformer.")
+        a.transformer, a.text_encoder, a.vae = ensure(files_for(a.preset, a.download), models)
+        return find_weights(None, None, a.transformer, a.text_encoder, a.vae, a.tokenizer)
+    try:
+        return find_weights(models, a.hf, a.transformer, a.text_encoder, a.vae, a.tokenizer)
+    except ZImageError as e:
+        if models is None:
+            raise
+        raise ZImageError(f"{e}\nTo fetch them (about 21 GB) run\n  {command(a.preset, models)}\nor add --download to "
+                          "this command.") from None
+
+
 def info(path: str) -> None:
     from .detect import describe
     from .safetensors_io import open_weights
@@ -204,14 +227,25 @@ def info(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("zimage").setLevel(logging.INFO)  # ours, not every HTTP request of the download
     a = _parser().parse_args(argv)
     try:
         if a.command == "generate":
             generate(a)
+        elif a.command == "download":
+            from .download import download
+
+            paths = download(a.model, a.format, a.to, a.hf)
+            print("\n".join(["ready:", *paths] + ([f"use it with: --hf {os.path.commonpath(paths)}"]
+                                                   if a.hf else [])))
         else:
             info(a.path)
     except ZImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (": run the same command again to continue the download" if a.command == "download"
+                               or getattr(a, "download", None) else ""), file=sys.stderr)
+        return 130
     return 0
