@@ -64,7 +64,8 @@ class ZImageModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=model_choices("diffusion_models", "transformer"),
                                tooltip="A file from models/diffusion_models (e.g. z_image_turbo_bf16.safetensors, fp8 variants) "
-                                       "or a diffusers folder (name/)."),
+                                       "or a diffusers folder (name/). Downloads: huggingface.co/Comfy-Org/z_image_turbo "
+                                       "(base: Comfy-Org/z_image), or `python -m zimage_core download` in the pack's folder."),
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="auto",
                                tooltip="auto: bf16 compute (fp32 on CPU), weights kept as stored. fp8_*: store weights in fp8 "
                                        "(half the memory, small quality loss), compute in bf16. fp16 may overflow (NaN) on Z-Image."),
@@ -111,7 +112,8 @@ class ZImageTextEncoderLoader(io.ComfyNode):
                         "to the GPU to encode and leaves right after, so it never competes with the transformer.",
             inputs=[
                 io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", "text_encoder"),
-                               tooltip="qwen_3_4b.safetensors (or its fp8 variant) from models/text_encoders, or an HF folder (name/)."),
+                               tooltip="qwen_3_4b.safetensors (or its fp8 variant) from models/text_encoders, or an HF folder (name/). "
+                                       "Download: huggingface.co/Comfy-Org/z_image_turbo (split_files/text_encoders)."),
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES[:-1], default="auto",
                                tooltip="auto: bf16 compute, weights as stored. fp8_e4m3fn stores weights in fp8 (4 GB instead of 8)."),
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",

@@ -7,19 +7,33 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "example_workflows")
+sys.path.insert(0, os.path.join(HERE, ".."))
+from zimage_core.download import catalog  # noqa: E402  (the download command's list: one source for both)
 
-DOWNLOADS = """## Files this workflow needs
+# Every published file a template may name → its repository file and models folder. Add a loader's file here (or to
+# zimage_core.download) and every node naming it gets the metadata below.
+MODEL_FILES = {f.name: f for f in catalog()}
 
-| put it in | file | from |
-|---|---|---|
-| `models/diffusion_models/` | `{model}` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/diffusion_models){base} |
-| `models/text_encoders/` | `qwen_3_4b.safetensors` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/text_encoders) |
-| `models/vae/` | `ae.safetensors` | [Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo/tree/main/split_files/vae) |
 
-{tips}"""
+def models_property(widgets) -> list[dict]:
+    """ComfyUI's ``properties.models`` for a node: name, url and directory of each published file among its widget
+    values. The frontend's missing-models dialog reads these and offers the downloads (ComfyUI's own templates in
+    Comfy-Org/workflow_templates carry the same three fields)."""
+    return [{"name": v, "url": MODEL_FILES[v].url(), "directory": MODEL_FILES[v].folder}
+            for v in widgets if isinstance(v, str) and v in MODEL_FILES]
+
+def files_note(model: str, tips: str) -> str:
+    """The read-me note: where each file goes and where it comes from (the same links the loaders carry), then tips."""
+    rows = [f"| `models/{f.folder}/` | `{f.name}` | [{f.repo}]({f.url()}) |"
+            for f in (MODEL_FILES[n] for n in (model, "qwen_3_4b.safetensors", "ae.safetensors"))]
+    return "\n".join(["## Files this workflow needs", "", "| put it in | file | from |", "|---|---|---|", *rows, "",
+                      "ComfyUI offers these downloads when a file is missing; or run `python -m zimage_core download` "
+                      "(add `base` for the base model) from this pack's folder.", "", tips])
+
 
 OUTPUT_TYPES = {
     "ZImageModelLoader": ["ZIMAGE_MODEL"], "ZImageTextEncoderLoader": ["ZIMAGE_TEXT_ENCODER"],
@@ -43,6 +57,8 @@ class Graph:
         n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1, "mode": 0,
              "inputs": [{"name": name, "type": t, "link": None} for name, t in inputs], "outputs": outs,
              "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if models := models_property(widgets):
+            n["properties"]["models"] = models
         if title:
             n["title"] = title
         if color:
@@ -99,8 +115,8 @@ PROMPT = ("A red fox curled up asleep on a mossy stone in a misty birch forest a
 NEG = "blurry, low quality, oversaturated, deformed, text, watermark"
 
 
-def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_link="", loras=()):
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base=base_link, tips=tips))
+def text_to_image(name, title, model, preset, steps, cfg, negative, tips, loras=()):
+    g, m, te = base_graph(model, files_note(model, tips))
     for i, (lora, strength) in enumerate(loras):
         nxt = g.node("ZImageLoraLoader", (20, 880 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
                      inputs=[("model", "ZIMAGE_MODEL")])
@@ -122,7 +138,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, base_l
 
 def edit(name, title, image, with_mask, denoise, tips):
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips))
+    g, m, te = base_graph(model, files_note(model, tips))
     load = g.node("LoadImage", (400, 420), [image, "image"], size=(320, 360))
     vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))
     ins = [("image", "IMAGE"), ("vae", "VAE")] + ([("mask", "MASK")] if with_mask else [])
@@ -141,7 +157,7 @@ def edit(name, title, image, with_mask, denoise, tips):
 
 def reference_edit(name, title, images, prompt, tips):
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips))
+    g, m, te = base_graph(model, files_note(model, tips))
     loads = [g.node("LoadImage", (400, 420 + 400 * i), [im, "image"], size=(320, 360), title=f"Reference {i + 1}")
              for i, im in enumerate(images)]
     vae = g.node("VAELoader", (760, 820), ["ae.safetensors"], size=(420, 60))
@@ -205,8 +221,7 @@ def main():
     text_to_image(
         "z_image_base_text_to_image_cfg", "Z-Image (base): text to image with CFG", "z_image_bf16.safetensors", "base", 28, 4.0, True,
         "**Settings:** preset *base* = 28 steps, cfg 4 (ComfyUI convention; 3–5 works), shift 3, with a negative prompt. "
-        "More steps (up to 50) add detail. cfg_normalization 1 tames very high cfg.",
-        base_link=" (base model: [Comfy-Org/z_image](https://huggingface.co/Comfy-Org/z_image))")
+        "More steps (up to 50) add detail. cfg_normalization 1 tames very high cfg.")
     text_to_image(
         "z_image_turbo_two_loras", "Z-Image-Turbo: two stacked LoRAs", "z_image_turbo_bf16.safetensors", "turbo", 8, 1.0, False,
         "**LoRAs:** put Z-Image LoRAs in `models/loras/` and pick them in the two LoRA nodes (any trainer's format: "

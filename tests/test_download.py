@@ -268,3 +268,30 @@ def test_formats_name_the_published_files():
         ("unsloth/Qwen3-4B-GGUF", "Qwen3-4B-Q4_K_M.gguf", "text_encoders")]
     with pytest.raises(dl.ZImageError, match="published for turbo only"):
         dl.files_for("base", "int8")
+
+
+LOADER_FOLDERS = {"ZImageModelLoader": "diffusion_models", "ZImageTextEncoderLoader": "text_encoders", "VAELoader": "vae",
+                  "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "ZImageLoraLoader": "loras",
+                  "LoraLoaderModelOnly": "loras", "ModelPatchLoader": "model_patches", "CLIPVisionLoader": "clip_vision"}
+USER_FILES = {"zimage_style_lora.safetensors", "zimage_detail_lora.safetensors"}  # the two-LoRA template: your own LoRAs
+
+
+def test_every_template_file_has_its_download_link():
+    """Each node naming a weight file carries ComfyUI's properties.models entry (name, url, directory — the fields the
+    frontend's missing-models dialog reads) pointing into the repository that publishes that file."""
+    folder = os.path.join(ROOT, "example_workflows")
+    published = {f.name: f for f in dl.catalog()}
+    checked = 0
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
+        wf = json.load(open(os.path.join(folder, name), encoding="utf-8"))
+        for node in wf["nodes"]:
+            files = [v for v in node.get("widgets_values") or [] if isinstance(v, str)
+                     and v.endswith((".safetensors", ".gguf", ".sft")) and v not in USER_FILES]
+            entries = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+            assert sorted(entries) == sorted(files), f"{name}: {node['type']} names {files}, models lists {sorted(entries)}"
+            for v in files:
+                f, m = published[v], entries[v]
+                assert m["url"] == f"https://huggingface.co/{f.repo}/resolve/main/{f.path}", (name, m)
+                assert m["directory"] == f.folder == LOADER_FOLDERS.get(node["type"], f.folder), (name, node["type"], m)
+                checked += 1
+    assert checked >= 21  # 7 templates × transformer, text encoder, VAE

@@ -93,12 +93,15 @@ def catalog() -> list[HubFile]:
 
 
 def default_models_dir() -> str:
-    """A ComfyUI ``models/`` folder: $COMFYUI_PATH/models, ~/ComfyUI/models, else ~/.cache/zimage/models."""
+    """A ComfyUI ``models/`` folder: $COMFYUI_PATH/models, the ComfyUI this pack is installed in (custom_nodes/<pack>),
+    ~/ComfyUI/models, else ~/.cache/zimage/models."""
     if os.environ.get("COMFYUI_PATH"):
         return os.path.join(os.environ["COMFYUI_PATH"], "models")
-    home = os.path.expanduser("~/ComfyUI/models")
-    if os.path.isdir(home):
-        return home
+    pack = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in ([os.path.join(pack, "..", "..", "models")] if os.path.basename(os.path.dirname(pack)) == "custom_nodes" else []) \
+            + [os.path.expanduser("~/ComfyUI/models")]:
+        if os.path.isdir(cand):
+            return os.path.normpath(cand)
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage", "models")
 
 
