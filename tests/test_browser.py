@@ -169,3 +169,37 @@ def test_extension_fails_soft_without_routes(page):
     finally:
         page.unroute("**/zimage/plan")
     assert time.time() > 0 and our_errors(page) == []
+
+
+@pytest.fixture(scope="module")
+def empty_comfy(tmp_path_factory):
+    """A second ComfyUI whose models folder is empty: what a new user has when opening a template."""
+    from comfy_harness import ComfyServer, comfyui_python
+
+    base = str(tmp_path_factory.mktemp("comfy_empty"))
+    os.makedirs(os.path.join(base, "models"))
+    srv = ComfyServer(comfyui_path(), comfyui_python(comfyui_path()), base)
+    yield srv
+    srv.stop()
+
+
+def test_missing_models_offer_the_template_downloads(empty_comfy, tmp_path):
+    """The frontend lists the Turbo template's three files as missing, each with the download link the template carries."""
+    wf = json.load(open(os.path.join(WORKFLOWS, "z_image_turbo_text_to_image.json"), encoding="utf-8"))
+    want = {m["name"]: m for n in wf["nodes"] for m in n["properties"].get("models", [])}
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+                                                    args=FLAGS, viewport={"width": 1600, "height": 1000})
+        pg = ctx.new_page()
+        pg.route("https://huggingface.co/**", lambda route: route.abort())  # no network: only what the template says
+        pg.goto(empty_comfy.url, wait_until="domcontentloaded")
+        pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+        pg.keyboard.press("Escape")
+        pg.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'z_image_turbo_text_to_image'); }", [wf])
+        for name in want:
+            pg.get_by_text(name).first.wait_for(timeout=60_000)
+        pg.screenshot(path=os.path.join(ARTIFACTS, "missing_models.png"))
+        html = pg.content()
+        ctx.close()
+    for name, m in want.items():
+        assert name in html and m["url"] in html.replace("&amp;", "&"), (name, m["url"])

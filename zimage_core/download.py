@@ -183,6 +183,8 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _explain(e: BaseException, f: HubFile, endpoint: str) -> str:
     from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
+    if isinstance(e, OSError) and e.errno and not isinstance(e, ConnectionError):  # the local disk, not the network
+        return f"{e.strerror} ({e.filename or 'writing the file'})"
     if isinstance(e, OfflineModeIsEnabled):
         return "offline mode is on (HF_HUB_OFFLINE): unset it to download"
     if isinstance(e, GatedRepoError) or getattr(getattr(e, "response", None), "status_code", 0) in (401, 403):
@@ -258,6 +260,9 @@ def ensure(files: list[HubFile], models: str, endpoint: str | None = None) -> li
             log.warning("%s: %s; using the file already at %s unchecked", f.name, _explain(e, f, endpoint), target)
     todo = sum(m.size for f, m in metas.items() if not os.path.isfile(targets[f]))
     if todo:
+        free = shutil.disk_usage(models).free
+        if free < todo:
+            raise ZImageError(f"{models} has {free / 1e9:.1f} GB free; the download needs {todo / 1e9:.1f} GB.")
         log.info("downloading %.2f GB into %s", todo / 1e9, models)
     for f, meta in metas.items():
         target = targets[f]
