@@ -220,7 +220,7 @@ def test_a_corrupted_file_is_detected_and_fetched_again(hub, run, tmp_path):
     assert err.count("fetching it again") == 2
 
 
-def test_offline_and_unreachable_say_what_to_do(hub, run, tmp_path):
+def test_offline_and_unreachable_say_what_to_do(run, tmp_path):
     models = str(tmp_path / "models")
     rc, _, err = run("download", "--to", models, offline=True)
     assert rc == 2 and "HF_HUB_OFFLINE" in err and "Traceback" not in err
@@ -247,7 +247,7 @@ def test_generate_download_then_writes_a_png(hub, tmp_path, tokenizer_dir):
         os.path.join("diffusion_models", "z_image_turbo_bf16.safetensors"))
 
 
-def test_the_diffusers_folder_with_hf(hub, run, tmp_path):
+def test_the_diffusers_folder_with_hf(run, tmp_path):
     models = tmp_path / "models"
     rc, out, err = run("download", "--hf", "--to", str(models))
     assert rc == 0, err

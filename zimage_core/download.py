@@ -203,7 +203,7 @@ def _metadata(f: HubFile, endpoint: str):
     return m
 
 
-def _fetch(f: HubFile, meta, target: str, endpoint: str) -> None:
+def _fetch(f: HubFile, meta, target: str) -> None:
     """Download into ``<target>.<etag>.incomplete`` (continuing what an interrupted run left), verify, move in place."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.file_download import http_get
@@ -274,7 +274,7 @@ def ensure(files: list[HubFile], models: str, endpoint: str | None = None) -> li
                 continue
             log.warning("%s does not match %s/%s (size or checksum differs): fetching it again", rel, f.repo, f.path)
         try:
-            _fetch(f, meta, target, endpoint)
+            _fetch(f, meta, target)
         except _network_errors() as e:
             raise ZImageError(f"download of {f.name} stopped: {_explain(e, f, endpoint)}. Run the command again "
                               "to continue where it stopped.") from None
