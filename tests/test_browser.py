@@ -184,22 +184,37 @@ def empty_comfy(tmp_path_factory):
 
 
 def test_missing_models_offer_the_template_downloads(empty_comfy, tmp_path):
-    """The frontend lists the Turbo template's three files as missing, each with the download link the template carries."""
+    """A template opened in a ComfyUI without the files: the frontend lists them as missing models, each with a Download
+    button that opens the link the template carries (properties.models). huggingface.co is not reached: the requests
+    the buttons make are recorded and refused."""
     wf = json.load(open(os.path.join(WORKFLOWS, "z_image_turbo_text_to_image.json"), encoding="utf-8"))
-    want = {m["name"]: m for n in wf["nodes"] for m in n["properties"].get("models", [])}
+    want = sorted(m["url"] for n in wf["nodes"] for m in n["properties"].get("models", []))
+    opened = []
+
+    def hub(route):
+        if route.request.method == "GET":
+            opened.append(route.request.url)
+        route.abort()
+
     with sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
                                                     args=FLAGS, viewport={"width": 1600, "height": 1000})
+        ctx.route("https://huggingface.co/**", hub)
         pg = ctx.new_page()
-        pg.route("https://huggingface.co/**", lambda route: route.abort())  # no network: only what the template says
         pg.goto(empty_comfy.url, wait_until="domcontentloaded")
         pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         pg.keyboard.press("Escape")
         pg.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'z_image_turbo_text_to_image'); }", [wf])
-        for name in want:
-            pg.get_by_text(name).first.wait_for(timeout=60_000)
+        buttons = pg.locator('[data-testid="missing-model-download"]')
+        buttons.first.wait_for(timeout=60_000)
         pg.screenshot(path=os.path.join(ARTIFACTS, "missing_models.png"))
-        html = pg.content()
+        labels = sorted(buttons.nth(i).get_attribute("aria-label") for i in range(buttons.count()))
+        for i in range(buttons.count()):
+            buttons.nth(i).click()
+        t0 = time.time()
+        while len(opened) < len(want) and time.time() - t0 < 30:
+            pg.wait_for_timeout(200)
         ctx.close()
-    for name, m in want.items():
-        assert name in html and m["url"] in html.replace("&amp;", "&"), (name, m["url"])
+    assert len(labels) == 3 and all(any(n in lab for lab in labels) for n in
+                                    ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")), labels
+    assert sorted(set(opened)) == want
