@@ -235,10 +235,12 @@ def test_offline_and_unreachable_say_what_to_do(run, tmp_path):
     assert rc == 2 and f"python -m zimage_core download turbo --to {empty}" in err and "--download" in err
 
 
-def test_generate_download_then_writes_a_png(hub, tmp_path, tokenizer_dir):
+def test_generate_download_then_writes_a_png(hub, tmp_path):
+    """A fresh machine: no ComfyUI, no weights; the tokenizer ships with the package, the weights come from the hub."""
     models, out = tmp_path / "models", tmp_path / "fox.png"
-    r = cli(hub, tmp_path / "hf", "generate", "--download", "--models", str(models), "--tokenizer", tokenizer_dir,
-            "--dtype", "fp32", "-p", "a fox", "--width", "64", "--height", "48", "-o", str(out))
+    extra = {"HOME": str(tmp_path), "COMFYUI_PATH": "", "ZIMAGE_TOKENIZER": ""}
+    r = cli(hub, tmp_path / "hf", "generate", "--download", "--models", str(models), "--dtype", "fp32", "-p", "a fox",
+            "--width", "64", "--height", "48", "-o", str(out), extra=extra)
     assert r.returncode == 0, r.stderr
     from PIL import Image
 
