@@ -184,9 +184,9 @@ def empty_comfy(tmp_path_factory):
 
 
 def test_missing_models_offer_the_template_downloads(empty_comfy, tmp_path):
-    """A template opened in a ComfyUI without the files: the frontend lists them as missing models, each with a Download
-    button that opens the link the template carries (properties.models). huggingface.co is not reached: the requests
-    the buttons make are recorded and refused."""
+    """A template opened in a ComfyUI without the files: the frontend's error panel lists them as missing models, each
+    with a Download button that opens the link the template carries (properties.models). huggingface.co is not
+    reached: the requests the buttons make are recorded and refused."""
     wf = json.load(open(os.path.join(WORKFLOWS, "z_image_turbo_text_to_image.json"), encoding="utf-8"))
     want = sorted(m["url"] for n in wf["nodes"] for m in n["properties"].get("models", []))
     opened = []
@@ -205,6 +205,14 @@ def test_missing_models_offer_the_template_downloads(empty_comfy, tmp_path):
         pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         pg.keyboard.press("Escape")
         pg.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'z_image_turbo_text_to_image'); }", [wf])
+        see = pg.locator('[data-testid="error-overlay-see-errors"]')  # "3 errors found" → View details
+        see.wait_for(timeout=60_000)
+        for _ in range(20):  # a fresh profile may open a welcome/templates dialog over it
+            if not pg.locator('[data-testid="dialog-overlay"]').is_visible():
+                break
+            pg.keyboard.press("Escape")
+            pg.wait_for_timeout(500)
+        see.click()
         buttons = pg.locator('[data-testid="missing-model-download"]')
         buttons.first.wait_for(timeout=60_000)
         pg.screenshot(path=os.path.join(ARTIFACTS, "missing_models.png"))
