@@ -12,11 +12,14 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "example_workflows")
 sys.path.insert(0, os.path.join(HERE, ".."))
-from zimage_core.download import catalog  # noqa: E402  (the download command's list: one source for both)
+from zimage_core.download import HubFile, catalog  # noqa: E402  (the download command's list: one source for both)
 
 # Every published file a template may name → its repository file and models folder. Add a loader's file here (or to
 # zimage_core.download) and every node naming it gets the metadata below.
 MODEL_FILES = {f.name: f for f in catalog()}
+CONTROLNET = HubFile("alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1", "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors",
+                     "model_patches")
+MODEL_FILES[CONTROLNET.name] = CONTROLNET
 
 
 def models_property(widgets) -> list[dict]:
@@ -26,10 +29,10 @@ def models_property(widgets) -> list[dict]:
     return [{"name": v, "url": MODEL_FILES[v].url(), "directory": MODEL_FILES[v].folder}
             for v in widgets if isinstance(v, str) and v in MODEL_FILES]
 
-def files_note(model: str, tips: str) -> str:
+def files_note(model: str, tips: str, extra: tuple[str, ...] = ()) -> str:
     """The read-me note: where each file goes and where it comes from (the same links the loaders carry), then tips."""
     rows = [f"| `models/{f.folder}/` | `{f.name}` | [{f.repo}]({f.url()}) |"
-            for f in (MODEL_FILES[n] for n in (model, "qwen_3_4b.safetensors", "ae.safetensors"))]
+            for f in (MODEL_FILES[n] for n in (model, "qwen_3_4b.safetensors", "ae.safetensors", *extra))]
     return "\n".join(["## Files this workflow needs", "", "| put it in | file | from |", "|---|---|---|", *rows, "",
                       "ComfyUI offers these downloads when a file is missing; or run `python -m zimage_core download` "
                       "(add `base` for the base model) from this pack's folder.", "", tips])
@@ -170,16 +173,10 @@ def reference_edit(name, title, images, prompt, tips):
     finish(g, name, title, 1220, m, (enc, 0), (enc, 2), vae, [5, "randomize", "turbo", 8, 1.0, 3.0, 1.0, 0.0, 1.0], (enc, 1))
 
 
-CONTROLNET_FILES = """
-| `models/model_patches/` | `{file}` | [alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1](https://huggingface.co/alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1) |
-"""
-
-
 def controlnet(name, title, file, inpaint, tips):
     """Load Image → (Canny →) Z-Image Apply ControlNet on the model → sampler."""
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips).replace(
-        "\n\n", CONTROLNET_FILES.format(file=file) + "\n", 1))
+    g, m, te = base_graph(model, files_note(model, tips, (file,)))
     load = g.node("LoadImage", (400, 420), ["zimage_inpaint_example.png" if inpaint else "zimage_example.png", "image"],
                   size=(320, 360))
     vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))

@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from tiny import write_models_dir
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
 from zimage_core import download as dl
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -274,7 +276,8 @@ def test_formats_name_the_published_files():
 
 LOADER_FOLDERS = {"ZImageModelLoader": "diffusion_models", "ZImageTextEncoderLoader": "text_encoders", "VAELoader": "vae",
                   "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "ZImageLoraLoader": "loras",
-                  "LoraLoaderModelOnly": "loras", "ModelPatchLoader": "model_patches", "CLIPVisionLoader": "clip_vision"}
+                  "LoraLoaderModelOnly": "loras", "ModelPatchLoader": "model_patches",
+                  "ZImageControlNetLoader": "model_patches", "CLIPVisionLoader": "clip_vision"}
 USER_FILES = {"zimage_style_lora.safetensors", "zimage_detail_lora.safetensors"}  # the two-LoRA template: your own LoRAs
 
 
@@ -282,7 +285,7 @@ def test_every_template_file_has_its_download_link():
     """Each node naming a weight file carries ComfyUI's properties.models entry (name, url, directory — the fields the
     frontend's missing-models dialog reads) pointing into the repository that publishes that file."""
     folder = os.path.join(ROOT, "example_workflows")
-    published = {f.name: f for f in dl.catalog()}
+    from build_workflows import MODEL_FILES as published
     checked = 0
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".json")):
         wf = json.load(open(os.path.join(folder, name), encoding="utf-8"))
