@@ -68,7 +68,7 @@ class ZImageModelLoader(io.ComfyNode):
                                        "(base: Comfy-Org/z_image), or `python -m zimage_core download` in the pack's folder."),
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="auto",
                                tooltip="auto: bf16 compute (fp32 on CPU), weights kept as stored. fp8_*: store weights in fp8 "
-                                       "(half the memory, small quality loss), compute in bf16. fp16 may overflow (NaN) on Z-Image."),
+                                       "(half the memory, small quality loss), compute in bf16. fp16 for GPUs without bf16 (auto picks it there)."),
                 io.Combo.Input("attention", options=["auto", *BACKENDS], default="auto",
                                tooltip="Attention kernel: sdpa (PyTorch, always available), flash (flash-attn) or sage "
                                        "(SageAttention) when installed; auto picks the fastest installed."),

@@ -161,12 +161,15 @@ def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> H
 
 
 def compute_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype for a loader's dtype choice: bf16 where supported (fp16 overflows on Z-Image), else fp32."""
+    """The compute dtype for a loader's dtype choice: bf16 where supported, else fp16 where ComfyUI would use it
+    (GTX 10xx/16xx, RTX 20xx; our blocks keep fp16 finite, see zimage_core/precision.py), else fp32."""
     if choice in COMPUTE_DTYPES:
         return COMPUTE_DTYPES[choice]
     if mm.is_device_cpu(device):
         return torch.float32 if choice == "auto" else torch.bfloat16
-    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
 def storage_dtype(choice: str) -> torch.dtype | None:

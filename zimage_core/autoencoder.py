@@ -175,6 +175,8 @@ class AutoEncoder(nn.Module):
             moments = encode_moments_tiled(self, x, tile)
         else:
             moments = self.encoder(x).float()
+        if self.compute_dtype == torch.float16 and not torch.isfinite(moments).all():
+            return self.in_fp32(self.encode, images, generator, tile)
         mean, logvar = moments.chunk(2, dim=1)
         if generator is None:
             return mean
@@ -185,12 +187,28 @@ class AutoEncoder(nn.Module):
     def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Raw latents → images in [0, 1] (B×3×H×W, fp32). ``tile`` (output pixels) bounds the compute
         device's memory; the result equals the untiled decode up to rounding."""
+        img = self._decode(z, tile)
+        if self.compute_dtype == torch.float16 and not torch.isfinite(img).all():
+            img = self.in_fp32(self._decode, z, tile)  # the FLUX autoencoder can overflow fp16: never a black image
+        return (img / 2 + 0.5).clamp(0, 1)
+
+    def _decode(self, z: torch.Tensor, tile: int | None) -> torch.Tensor:
         z = z.to(self.device, self.compute_dtype)
         if tile and max(z.shape[-2:]) * self.factor > tile:
-            img = decode_tiled(self, z, tile).to(self.device)
-        else:
-            img = self.decoder(z).float()
-        return (img / 2 + 0.5).clamp(0, 1)
+            return decode_tiled(self, z, tile).to(self.device)
+        return self.decoder(z).float()
+
+    def in_fp32(self, fn, *args):
+        """Run ``fn`` with the weights temporarily in fp32 (ComfyUI's working dtypes for this VAE are bf16 and
+        fp32, comfy/sd.py; fp16 is kept for speed and memory, and this is the way out when it overflows)."""
+        dtype = self.compute_dtype
+        self.float()
+        self.compute_dtype = torch.float32
+        try:
+            return fn(*args)
+        finally:
+            self.to(dtype)
+            self.compute_dtype = dtype
 
 
 # ---- files ------------------------------------------------------------------------------------------

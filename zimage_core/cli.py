@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import torch
 
+from . import precision
 from .errors import ZImageError
 from .images import crop_box, prepare_reference_image
 from .loader import COMPUTE_DTYPES
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vae")
     g.add_argument("--tokenizer", help="folder with the Qwen tokenizer files (vocab.json, merges.txt)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE:STRENGTH", help="apply a LoRA (repeatable)")
-    g.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="bf16")
+    g.add_argument("--dtype", choices=["auto", *COMPUTE_DTYPES], default="auto",
+                   help="compute dtype; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU")
     g.add_argument("--fp8", action="store_true", help="store the transformer's weights in fp8 (half the memory)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer's blocks (the first step compiles, later steps run faster)")
@@ -153,8 +155,10 @@ def generate(a) -> list[str]:
     )
     t0 = time.perf_counter()
     with tqdm(total=3, desc="loading", unit="model", disable=None) as bar:
-        pipe = ZImagePipeline.from_paths(paths, dtype=COMPUTE_DTYPES[a.dtype], device=a.device, offload=a.offload,
-                                         vram_budget_gb=a.vram_budget,
+        auto = a.dtype == "auto"
+        pipe = ZImagePipeline.from_paths(paths, dtype=precision.auto_dtype(a.device) if auto else COMPUTE_DTYPES[a.dtype],
+                                         device=a.device, offload=a.offload, vram_budget_gb=a.vram_budget,
+                                         vae_dtype=precision.vae_dtype(a.device) if auto else None,
                                          storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
         bar.update(3)
     if a.lora:

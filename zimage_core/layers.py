@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import scaled_mm
 from .packed import Packed
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -46,6 +47,9 @@ class Linear(StoredWeight):
         self.weight_scale: torch.Tensor | None = None
         # run-time patches: (down [r, in], up [out, r], factor) or (None, ΔW [out, in], factor); see lora.py
         self.patches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        # fp8 compute (scaled_mm.py): e4m3 weight × e4m3 activations (tensor cores); input_scale from the file
+        self.fp8_matmul = False
+        self.input_scale: torch.Tensor | None = None
 
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight
@@ -61,7 +65,10 @@ class Linear(StoredWeight):
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
-        y = F.linear(x, self.compute_weight(x.dtype), b)
+        if self.fp8_matmul and scaled_mm.can_use(self.weight, x):
+            y = scaled_mm.fp8_linear(x, self.weight, self.weight_scale, b, self.input_scale)
+        else:
+            y = F.linear(x, self.compute_weight(x.dtype), b)
         for down, up, factor in self.patches:  # low-rank (down, up) or dense (None, ΔW)
             h = x if down is None else F.linear(x, down.to(device=x.device, dtype=x.dtype))
             y = y + F.linear(h, up.to(device=x.device, dtype=x.dtype)) * factor
@@ -115,5 +122,10 @@ class SwiGLU(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False, device=device)
         self.w3 = Linear(dim, hidden, bias=False, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)).mul_(self.w3(x)))
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale`` multiplies w2's input (and so the output) exactly: fp16 headroom, see precision.py."""
+        up = self.w3(x)
+        h = F.silu(self.w1(x)).mul_(up if scale == 1.0 else up * scale)
+        if h.dtype == torch.float16:  # ComfyUI clamps this product (comfy/ldm/lumina/model.py)
+            h = torch.nan_to_num(h, nan=0.0, posinf=65504.0, neginf=-65504.0)
+        return self.w2(h)

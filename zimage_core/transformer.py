@@ -29,6 +29,7 @@ from .blocks import PLAIN, BlockCall, BlockRun, Executor
 from .layers import Linear, RMSNorm, SwiGLU
 from .omni import omni_tokens
 from .packing import Packed, Tokens, grid_ids, join, pack, pad_to_multiple
+from .precision import post_norm, sublayer_scale
 
 if TYPE_CHECKING:
     from .lora import LoraPatcher
@@ -115,15 +116,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps, device=device)
         self.backend = "sdpa"
 
-    def forward(self, x, rope, mask):
+    def forward(self, x, rope, mask, scale: float = 1.0):
+        """``scale`` multiplies the output projection's input (fp16 headroom, see precision.py)."""
         b, s, _ = x.shape
         # norm and rotate per token in the B×S×H×D layout the fused projection gives (no strided copies),
         # then hand SDPA its B×H×S×D views
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
         q = apply_rope(self.q_norm(q), rope).transpose(1, 2)
         k = apply_rope(self.k_norm(k), rope).transpose(1, 2)
-        o = attention(q, k, v.transpose(1, 2), mask, self.backend)
-        return self.out(o.transpose(1, 2).reshape(b, s, -1))
+        o = attention(q, k, v.transpose(1, 2), mask, self.backend).transpose(1, 2).reshape(b, s, -1)
+        return self.out(o if scale == 1.0 else o * scale)
 
 
 class Block(nn.Module):
@@ -154,12 +156,15 @@ class Block(nn.Module):
         return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
     def forward(self, x, rope, mask, temb=None):
+        s = sublayer_scale(x.dtype)  # fp16: sublayer outputs computed 2^-6 smaller, renormalised exactly
         if self.modulated:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(temb)
-            x = torch.addcmul(x, gate_msa, self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, mask)))
-            return torch.addcmul(x, gate_mlp, self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp)))
-        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            attn = self.attention(self.attention_norm1(x) * scale_msa, rope, mask, s)
+            x = torch.addcmul(x, gate_msa, post_norm(self.attention_norm2, attn, s))
+            ffn = self.feed_forward(self.ffn_norm1(x) * scale_mlp, s)
+            return torch.addcmul(x, gate_mlp, post_norm(self.ffn_norm2, ffn, s))
+        x = x + post_norm(self.attention_norm2, self.attention(self.attention_norm1(x), rope, mask, s), s)
+        return x + post_norm(self.ffn_norm2, self.feed_forward(self.ffn_norm1(x), s), s)
 
 
 class TimestepEmbedder(nn.Module):

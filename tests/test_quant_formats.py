@@ -1,0 +1,117 @@
+"""ComfyUI's quantized weight formats: random weights quantized and written by ComfyUI itself (its layouts from
+comfy-kitchen, its ``MixedPrecisionOps.Linear.state_dict`` writer), read back by ComfyUI's loader and dequantized
+there; our reader and dequantization must give the same values from the same file."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from comfy_harness import comfyui_path, comfyui_python
+from safetensors.torch import load_file
+
+from zimage_core import quant_formats as qf
+
+COMFY = comfyui_path()
+
+# (layer name, format, comfy layout, quantize kwargs, shape): shapes that need padding, several swizzle tiles,
+# ConvRot groups (powers of 4) that divide K
+CASES = [
+    ("fp8", "float8_e4m3fn", "TensorCoreFP8E4M3Layout", {"scale": "recalculate"}, (96, 80)),
+    ("fp8_e5m2", "float8_e5m2", "TensorCoreFP8E5M2Layout", {"scale": "recalculate"}, (48, 64)),
+    ("mxfp8", "mxfp8", "TensorCoreMXFP8Layout", {}, (136, 80)),
+    ("mxfp8_big", "mxfp8", "TensorCoreMXFP8Layout", {}, (256, 288)),
+    ("nvfp4", "nvfp4", "TensorCoreNVFP4Layout", {}, (136, 72)),
+    ("nvfp4_big", "nvfp4", "TensorCoreNVFP4Layout", {}, (272, 160)),
+    ("int8", "int8_tensorwise", "TensorWiseINT8Layout", {}, (64, 96)),
+    ("int8_convrot", "int8_tensorwise", "TensorWiseINT8Layout",
+     {"per_channel": True, "convrot": True, "convrot_groupsize": 64}, (48, 128)),
+    ("w4a4", "convrot_w4a4", "TensorCoreConvRotW4A4Layout", {"convrot_groupsize": 64}, (80, 128)),
+    ("w4a4_16", "convrot_w4a4", "TensorCoreConvRotW4A4Layout", {"convrot_groupsize": 16}, (32, 64)),
+    ("w4a8", "asym_w4a8_int8", "AsymW4A8Int8Layout", {"group_size": 16, "convrot_groupsize": 64}, (64, 128)),
+    ("w4a8_nobook", "asym_w4a8_int8", "AsymW4A8Int8Layout",
+     {"group_size": 32, "convrot_groupsize": 16, "codebook": False}, (48, 64)),
+]
+
+SCRIPT = r"""
+import json, sys, torch
+cases, dtype_name, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing()
+from comfy.ops import mixed_precision_ops
+from comfy.quant_ops import QuantizedTensor
+from safetensors.torch import save_file
+dtype = getattr(torch, dtype_name)
+ops = mixed_precision_ops({}, compute_dtype=dtype)
+g = torch.Generator().manual_seed(0)
+written, deq = {}, {}
+for name, fmt, layout, kw, shape in cases:
+    w = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 0.2).to(dtype)
+    lin = ops.Linear(shape[1], shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(QuantizedTensor.from_float(w, layout, **kw), requires_grad=False)
+    lin.quant_format = fmt
+    sd = lin.state_dict(prefix=name + ".")
+    written.update({k: v.contiguous() for k, v in sd.items()})
+    back = ops.Linear(shape[1], shape[0], bias=False)             # ComfyUI's loader on what it wrote
+    back.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items()}, strict=False)
+    deq[name] = back.weight.dequantize().to(dtype).contiguous()
+save_file(written, out + "/written.safetensors")
+save_file(deq, out + "/dequantized.safetensors")
+"""
+
+
+def comfy_quantized(tmp_path, dtype: str):
+    cases = [list(c[:4]) + [list(c[4])] for c in CASES]
+    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, json.dumps(cases), dtype, str(tmp_path)], cwd=COMFY,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_file(str(tmp_path / "written.safetensors")), load_file(str(tmp_path / "dequantized.safetensors"))
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(COMFY is None, reason="no ComfyUI found (set COMFYUI_PATH)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dequantize_equals_comfyui(tmp_path, dtype):
+    written, ref = comfy_quantized(tmp_path, dtype)
+    for name, fmt, _, _, shape in CASES:
+        conf = qf.read_config(written[f"{name}.comfy_quant"])
+        assert conf["format"] == fmt
+        t = {s: written[f"{name}.weight{s}"] for s in qf.FORMAT_KEYS[fmt] if f"{name}.weight{s}" in written}
+        ours = qf.dequantize(fmt, t, conf, getattr(torch, dtype))[: shape[0], : shape[1]]
+        assert ours.shape == ref[name].shape and ours.dtype == ref[name].dtype, name
+        if fmt in ("int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8") and ("convrot" in conf or fmt != "int8_tensorwise"):
+            # a rotation is a matmul: same kernel, same shapes, but summation order is not ours to guarantee
+            torch.testing.assert_close(ours, ref[name], rtol=1e-6 if dtype == "float32" else 8e-3, atol=0, msg=name)
+        else:  # elementwise products of the same values in the same dtype
+            assert torch.equal(ours, ref[name]), name
+
+
+def test_unswizzle_inverts_cublas_tiles():
+    # cuBLAS's 1D block-scaling layout (docs.nvidia.com/cuda/cublas, "1D Block Scaling Factors Layout"):
+    # in a 128×4 tile, element (r, c) sits at offset (r % 32) * 16 + (r // 32) * 4 + c
+    rows, cols = 200, 7
+    m = torch.arange(rows * cols, dtype=torch.int32).reshape(rows, cols)
+    rb, cb = -(-rows // 128), -(-cols // 4)
+    tiles = torch.zeros(rb, cb, 512, dtype=torch.int32)
+    for r in range(rows):
+        for c in range(cols):
+            tiles[r // 128, c // 4, (r % 128 % 32) * 16 + (r % 128 // 32) * 4 + c % 4] = m[r, c]
+    assert torch.equal(qf.unswizzle(tiles.reshape(rb * 128, cb * 4), rows, cols), m)
+
+
+def test_hadamard_is_orthogonal_and_symmetric():
+    for n in (4, 16, 64, 256):
+        h = qf.hadamard(n, "cpu", torch.float64)
+        torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64))
+        assert torch.equal(h, h.T)
+    with pytest.raises(ValueError):
+        qf.hadamard(32, "cpu", torch.float32)
+
+
+def test_nibbles_and_e8m0():
+    b = torch.tensor([[0x0F, 0x80, 0x7A]], dtype=torch.uint8)
+    assert qf.unpack_nibbles(b, signed=False, high_first=True).tolist() == [[0, 15, 8, 0, 7, 10]]
+    assert qf.unpack_nibbles(b.view(torch.int8), signed=True, high_first=False).tolist() == [[-1, 0, 0, -8, -6, 7]]
+    e = torch.tensor([0, 1, 127, 128, 254], dtype=torch.uint8)
+    assert qf.e8m0_to_float(e).tolist() == [0.0, 2.0**-126, 1.0, 2.0, 2.0**127]

@@ -1,0 +1,95 @@
+"""fp8 compute's scale bookkeeping (zimage_core/scaled_mm.py), on the CPU: what the tensor cores are given must
+reconstruct the bf16 product. The GPU speed and error are measured by benchmarks/bench_fp8.py."""
+
+import pytest
+import torch
+
+from zimage_core import scaled_mm as sm
+from zimage_core.layers import Linear
+from zimage_core.quant import quantize_fp8
+
+
+def emulated(q, sa, w, sb):
+    """What _scaled_mm computes: (q · scale_a) @ (w · scale_b)ᵀ, here in float64."""
+    return (q.double() * sa.double()) @ (w.double() * sb.double().reshape(-1, 1)).T
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_row_scales_map_each_row_max_to_448_and_zero_rows_to_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 2000.0, 0.0])[:, None]
+    q, s = sm.quantize_rows(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1) and s.dtype == torch.float32
+    assert torch.equal(q[:4].float().abs().amax(1), torch.full((4,), 448.0))
+    assert s[4].item() == 1.0 and not q[4].float().any()
+    back = q.float() * s
+    for i in range(4):  # e4m3 keeps 3 mantissa bits: relative error per row ≲ 2^-4
+        assert rel(back[i], x[i].to(torch.bfloat16).float()) < 0.04
+
+
+def test_static_input_scale_is_comfyui_per_tensor_convention():
+    x = torch.tensor([[1.0, -2.0, 900.0, -900.0]], dtype=torch.bfloat16)
+    q, s = sm.quantize_static(x, torch.tensor([0.5]))
+    assert s.shape == () and s.item() == 0.5
+    assert q.float().tolist() == [[2.0, -4.0, 448.0, -448.0]]  # x / 0.5, clipped at ±448 as ComfyUI does
+
+
+def test_weight_scales_scalar_and_rows():
+    assert sm.weight_scales(torch.tensor(0.25), 6, "cpu", rowwise=False).shape == ()
+    r = sm.weight_scales(torch.tensor(0.25), 6, "cpu", rowwise=True)
+    assert r.shape == (1, 6) and torch.equal(r, torch.full((1, 6), 0.25))
+    per_row = torch.arange(1.0, 7.0)[:, None]  # fused q/k/v with their own scales
+    assert torch.equal(sm.weight_scales(per_row, 6, "cpu", rowwise=True), per_row.T)
+    assert torch.equal(sm.weight_scales(None, 3, "cpu", rowwise=True), torch.ones(1, 3))
+
+
+def _cpu_scaled_mm() -> bool:
+    try:
+        a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch build has no CPU fp8 _scaled_mm")
+@pytest.mark.parametrize("mode", ["rows", "static", "per_row_weight"])
+def test_fp8_linear_equals_scaled_operands_and_tracks_bf16(mode):
+    g = torch.Generator().manual_seed(1)
+    w32 = torch.randn(48, 64, generator=g) / 8
+    x = (torch.randn(3, 7, 64, generator=g) * torch.linspace(0.1, 50, 7)[:, None]).to(torch.bfloat16)
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    w, ws = quantize_fp8(w32, torch.float8_e4m3fn)
+    if mode == "per_row_weight":
+        ws = ws * torch.linspace(0.5, 2.0, 48)[:, None]
+    inp = torch.tensor(0.2) if mode == "static" else None
+    y = sm.fp8_linear(x, w, ws, bias, inp)
+    assert y.shape == (3, 7, 48) and y.dtype == torch.bfloat16
+    x2 = x.reshape(-1, 64)
+    q, sa = sm.quantize_rows(x2) if inp is None else sm.quantize_static(x2, inp)
+    want = emulated(q, sa, w, ws.reshape(-1) if ws.numel() > 1 else ws) + bias.double()
+    assert rel(y.reshape(-1, 48), want) < 8e-3  # the bf16 output's rounding
+    dequant = torch.nn.functional.linear(x.float(), (w.float() * ws.float()), bias.float())
+    assert rel(y, dequant) < (0.3 if mode == "static" else 0.05)  # static scale 0.2 clips the big rows
+
+
+def test_linear_uses_fp8_only_where_switched():
+    lin = Linear(64, 32, bias=False)
+    g = torch.Generator().manual_seed(2)
+    w, s = quantize_fp8(torch.randn(32, 64, generator=g), torch.float8_e4m3fn)
+    lin.weight, lin.weight_scale = torch.nn.Parameter(w, requires_grad=False), s
+    other = Linear(64, 32, bias=False)
+    other.weight = torch.nn.Parameter(torch.randn(32, 64, generator=g).to(torch.bfloat16), requires_grad=False)
+    model = torch.nn.ModuleList([lin, other])
+    x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    dequant = torch.nn.functional.linear(x, lin.compute_weight(torch.bfloat16))
+    assert torch.equal(lin(x), dequant)
+    assert sm.set_fp8_matmul(model, True) == 1 and lin.fp8_matmul and not other.fp8_matmul
+    if _cpu_scaled_mm():
+        assert torch.equal(lin(x), sm.fp8_linear(x, w, s)) and not torch.equal(lin(x), dequant)
+    assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float(), lin.compute_weight(torch.float32)))  # fp32: no fp8
+    assert sm.set_fp8_matmul(model, False) == 0 and not lin.fp8_matmul
+    assert not sm.device_supports_fp8("cpu")
