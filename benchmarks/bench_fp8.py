@@ -21,10 +21,15 @@ import json
 import os
 import sys
 import time
+import types
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# the model modules only, without zimage_core/__init__.py (which pulls in tokenizers, numpy, pillow for the
+# pipeline): this script needs nothing but torch
+_pkg = types.ModuleType("zimage_core")
+_pkg.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zimage_core")]
+sys.modules.setdefault("zimage_core", _pkg)
 
 from zimage_core.layers import Linear  # noqa: E402
 from zimage_core.quant import quantize_fp8  # noqa: E402

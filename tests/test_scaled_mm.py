@@ -93,3 +93,14 @@ def test_linear_uses_fp8_only_where_switched():
     assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float(), lin.compute_weight(torch.float32)))  # fp32: no fp8
     assert sm.set_fp8_matmul(model, False) == 0 and not lin.fp8_matmul
     assert not sm.device_supports_fp8("cpu")
+
+
+@pytest.mark.skipif(not sm.device_supports_fp8("cuda"), reason="needs a CUDA GPU with fp8 tensor cores (compute capability ≥ 8.9)")
+def test_fp8_linear_on_gpu_equals_its_scaled_operands():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w, ws = quantize_fp8(torch.randn(256, 512, generator=g, device="cuda") / 20, torch.float8_e4m3fn)
+    x = (torch.randn(2, 64, 512, generator=g, device="cuda") * 5).to(torch.bfloat16)
+    y = sm.fp8_linear(x, w, ws)
+    q, sa = sm.quantize_rows(x.reshape(-1, 512))
+    assert rel(y.reshape(-1, 256), emulated(q, sa, w, ws.reshape(1))) < 8e-3
+    assert rel(y, torch.nn.functional.linear(x.float(), w.float() * ws)) < 0.05
