@@ -45,10 +45,10 @@ def resolve(folder: str, name: str) -> str:
     return path
 
 
-def _split_dtype(choice: str, device):
+def _split_dtype(choice: str, device, fp16: bool = True):
     """One widget, two meanings: fp8 choices set the storage (compute stays bf16); the others set compute."""
     st = storage_dtype(choice)
-    return compute_dtype("auto" if st else choice, device), st
+    return compute_dtype("auto" if st else choice, device, fp16), st
 
 
 class ZImageModelLoader(io.ComfyNode):
@@ -128,7 +128,7 @@ class ZImageTextEncoderLoader(io.ComfyNode):
 
         path = resolve("text_encoders", text_encoder_name)
         dev = mm.get_torch_device() if device == "auto" else torch.device("cpu")
-        dtype, storage = _split_dtype(weight_dtype, dev)
+        dtype, storage = _split_dtype(weight_dtype, dev, fp16=False)
         handle: Handle = cached_load(
             "text_encoder", path,
             lambda: zc.load_text_encoder(path, dtype=dtype, storage_dtype=storage),

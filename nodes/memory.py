@@ -160,16 +160,17 @@ def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> H
     return handle
 
 
-def compute_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+def compute_dtype(choice: str, device: torch.device, fp16: bool = True) -> torch.dtype | None:
     """The compute dtype for a loader's dtype choice: bf16 where supported, else fp16 where ComfyUI would use it
-    (GTX 10xx/16xx, RTX 20xx; our blocks keep fp16 finite, see zimage_core/precision.py), else fp32."""
+    (GTX 10xx/16xx, RTX 20xx; the transformer's blocks keep fp16 finite, see zimage_core/precision.py), else fp32.
+    ``fp16=False`` (the text encoder, whose fp16 range is not guarded) picks fp32 there instead."""
     if choice in COMPUTE_DTYPES:
         return COMPUTE_DTYPES[choice]
     if mm.is_device_cpu(device):
         return torch.float32 if choice == "auto" else torch.bfloat16
     if mm.should_use_bf16(device):
         return torch.bfloat16
-    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+    return torch.float16 if fp16 and mm.should_use_fp16(device) else torch.float32
 
 
 def storage_dtype(choice: str) -> torch.dtype | None:

@@ -66,8 +66,8 @@ def test_fp16_overflowing_blocks_stay_finite_and_close_to_fp32(monkeypatch):
     assert torch.isfinite(clamped).all() and rel(clamped, truth) > 5 * err
 
     # no guard at all: inf/NaN
-    monkeypatch.setattr(transformer, "post_norm", lambda norm, y, s: norm(y))
-    monkeypatch.setattr(transformer.SwiGLU, "forward", lambda self, x, scale=1.0: self.w2(F.silu(self.w1(x)) * self.w3(x)))
+    monkeypatch.setattr(transformer, "post_norm", lambda norm, y, _s: norm(y))
+    monkeypatch.setattr(transformer.SwiGLU, "forward", lambda self, x, _scale=1.0: self.w2(F.silu(self.w1(x)) * self.w3(x)))
     plain = run(overflowing_model(), torch.float16)
     assert not torch.isfinite(plain).all()
 
@@ -80,9 +80,9 @@ def test_fp32_and_bf16_paths_are_untouched():
 def test_auto_dtype_per_device(monkeypatch):
     assert precision.auto_dtype("cpu") == torch.float32 and precision.vae_dtype("cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # GTX 10xx/16xx, RTX 20xx
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_kw: False)  # GTX 10xx/16xx, RTX 20xx
     assert precision.auto_dtype("cuda") == torch.float16 and precision.vae_dtype("cuda") == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # RTX 30xx and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_kw: True)  # RTX 30xx and later
     assert precision.auto_dtype("cuda") == torch.bfloat16 and precision.vae_dtype("cuda") == torch.bfloat16
 
 

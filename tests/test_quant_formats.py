@@ -35,56 +35,54 @@ CASES = [
 
 SCRIPT = r"""
 import json, sys, torch
-cases, dtype_name, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
 sys.argv = ["main.py", "--cpu"]
 sys.path.insert(0, ".")
 import comfy.options; comfy.options.enable_args_parsing()
 from comfy.ops import mixed_precision_ops
 from comfy.quant_ops import QuantizedTensor
 from safetensors.torch import save_file
-dtype = getattr(torch, dtype_name)
-ops = mixed_precision_ops({}, compute_dtype=dtype)
-g = torch.Generator().manual_seed(0)
-written, deq = {}, {}
-for name, fmt, layout, kw, shape in cases:
-    w = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 0.2).to(dtype)
-    lin = ops.Linear(shape[1], shape[0], bias=False)
-    lin.weight = torch.nn.Parameter(QuantizedTensor.from_float(w, layout, **kw), requires_grad=False)
-    lin.quant_format = fmt
-    sd = lin.state_dict(prefix=name + ".")
-    written.update({k: v.contiguous() for k, v in sd.items()})
-    back = ops.Linear(shape[1], shape[0], bias=False)             # ComfyUI's loader on what it wrote
-    back.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items()}, strict=False)
-    deq[name] = back.weight.dequantize().to(dtype).contiguous()
-save_file(written, out + "/written.safetensors")
-save_file(deq, out + "/dequantized.safetensors")
+for dtype in (torch.float32, torch.bfloat16):
+    ops = mixed_precision_ops({}, compute_dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    written, deq = {}, {}
+    for name, fmt, layout, kw, shape in cases:
+        w = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 0.2).to(dtype)
+        lin = ops.Linear(shape[1], shape[0], bias=False)
+        lin.weight = torch.nn.Parameter(QuantizedTensor.from_float(w, layout, **kw), requires_grad=False)
+        lin.quant_format = fmt
+        sd = lin.state_dict(prefix=name + ".")
+        written.update({k: v.contiguous() for k, v in sd.items()})
+        back = ops.Linear(shape[1], shape[0], bias=False)             # ComfyUI's loader on what it wrote
+        back.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items()}, strict=False)
+        deq[name] = back.weight.dequantize().to(dtype).contiguous()
+    tag = str(dtype).split(".")[-1]
+    save_file(written, f"{out}/written_{tag}.safetensors")
+    save_file(deq, f"{out}/dequantized_{tag}.safetensors")
 """
-
-
-def comfy_quantized(tmp_path, dtype: str):
-    cases = [list(c[:4]) + [list(c[4])] for c in CASES]
-    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, json.dumps(cases), dtype, str(tmp_path)], cwd=COMFY,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return load_file(str(tmp_path / "written.safetensors")), load_file(str(tmp_path / "dequantized.safetensors"))
 
 
 @pytest.mark.comfyui
 @pytest.mark.skipif(COMFY is None, reason="no ComfyUI found (set COMFYUI_PATH)")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_dequantize_equals_comfyui(tmp_path, dtype):
-    written, ref = comfy_quantized(tmp_path, dtype)
-    for name, fmt, _, _, shape in CASES:
-        conf = qf.read_config(written[f"{name}.comfy_quant"])
-        assert conf["format"] == fmt
-        t = {s: written[f"{name}.weight{s}"] for s in qf.FORMAT_KEYS[fmt] if f"{name}.weight{s}" in written}
-        ours = qf.dequantize(fmt, t, conf, getattr(torch, dtype))[: shape[0], : shape[1]]
-        assert ours.shape == ref[name].shape and ours.dtype == ref[name].dtype, name
-        if fmt in ("int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8") and ("convrot" in conf or fmt != "int8_tensorwise"):
-            # a rotation is a matmul: same kernel, same shapes, but summation order is not ours to guarantee
-            torch.testing.assert_close(ours, ref[name], rtol=1e-6 if dtype == "float32" else 8e-3, atol=0, msg=name)
-        else:  # elementwise products of the same values in the same dtype
-            assert torch.equal(ours, ref[name]), name
+def test_dequantize_equals_comfyui(tmp_path):
+    cases = [list(c[:4]) + [list(c[4])] for c in CASES]
+    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, json.dumps(cases), str(tmp_path)], cwd=COMFY,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for dtype in ("float32", "bfloat16"):
+        written = load_file(str(tmp_path / f"written_{dtype}.safetensors"))
+        ref = load_file(str(tmp_path / f"dequantized_{dtype}.safetensors"))
+        for name, fmt, _, _, shape in CASES:
+            conf = qf.read_config(written[f"{name}.comfy_quant"])
+            assert conf["format"] == fmt
+            t = {s: written[f"{name}.weight{s}"] for s in qf.FORMAT_KEYS[fmt] if f"{name}.weight{s}" in written}
+            ours = qf.dequantize(fmt, t, conf, getattr(torch, dtype))[: shape[0], : shape[1]]
+            assert ours.shape == ref[name].shape and ours.dtype == ref[name].dtype, name
+            if fmt in ("convrot_w4a4", "asym_w4a8_int8") or conf.get("convrot"):
+                # a rotation is a matmul: same kernel, same shapes, but the summation order is not ours to guarantee
+                torch.testing.assert_close(ours, ref[name], rtol=1e-6 if dtype == "float32" else 8e-3, atol=0, msg=name)
+            else:  # elementwise products of the same values in the same dtype
+                assert torch.equal(ours, ref[name]), (name, dtype)
 
 
 def test_unswizzle_inverts_cublas_tiles():

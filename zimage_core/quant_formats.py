@@ -22,6 +22,7 @@ operation (same dtypes, same order), so a weight dequantizes to the values Comfy
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -83,6 +84,13 @@ def unpack_nibbles(packed: torch.Tensor, signed: bool, high_first: bool) -> torc
     return torch.stack(pair, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
+@functools.lru_cache(maxsize=32)
+def e2m1_table(device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 fp4 (e2m1) values by code, on ``device`` (made once: no host copy per call)."""
+    return torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
 def hadamard(size: int, device, dtype: torch.dtype) -> torch.Tensor:
     """ConvRot's normalised regular Hadamard matrix: Kronecker powers of a symmetric 4×4 (size a power of 4)."""
     if size < 4 or 4 ** round(math.log(size, 4)) != size:
@@ -117,8 +125,7 @@ def dequantize(fmt: str, t: dict[str, torch.Tensor], conf: dict, dtype: torch.dt
         x = w.view(torch.float8_e4m3fn).to(torch.float32).reshape(rows, cols // 32, 32) * scale[..., None]
         return x.reshape(rows, cols).to(dtype)
     if fmt == "nvfp4":
-        lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=w.device)
-        x = lut[unpack_nibbles(w, signed=False, high_first=True)]
+        x = e2m1_table(w.device, dtype)[unpack_nibbles(w, signed=False, high_first=True)]
         rows, cols = x.shape
         block = unswizzle(t["_scale"].view(torch.float8_e4m3fn), rows, cols // 16)
         scale = t["_scale_2"].to(dtype) * block.to(dtype)
