@@ -17,6 +17,7 @@ from .memory import Handle, cached_load, compute_dtype, storage_dtype
 from .types import ZImageModel, ZImageTextEncoder
 
 WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
+FP8_COMPUTE = ["auto", "dequantize", "fp8 matmul"]
 
 
 def model_choices(folder: str, marker: str) -> list[str]:
@@ -81,21 +82,35 @@ class ZImageModelLoader(io.ComfyNode):
                                        "to leave room). 0 = use what ComfyUI offers."),
                 io.Int.Input("prefetch", default=2, min=1, max=8, advanced=True,
                              tooltip="Streamed blocks copied ahead of use. 2 hides copies behind compute on most GPUs."),
+                io.Combo.Input("fp8_compute", options=FP8_COMPUTE, default="auto", optional=True, advanced=True,
+                               tooltip="For fp8 (e4m3) weights: 'fp8 matmul' multiplies on the fp8 tensor cores "
+                                       "(RTX 40xx / H100 and later; faster, slightly less exact), 'dequantize' up-casts each "
+                                       "weight to bf16 first. auto: fp8 matmul where the GPU has fp8 tensor cores."),
             ],
             outputs=[ZImageModel.Output(tooltip="The Z-Image transformer, for the Z-Image Sampler and LoRA nodes.")],
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2,
+                fp8_compute="auto") -> io.NodeOutput:
         import comfy.model_management as mm
 
+        from zimage_core.scaled_mm import device_supports_fp8, set_fp8_matmul
+
         path = resolve("diffusion_models", model_name)
-        dtype, storage = _split_dtype(weight_dtype, mm.get_torch_device())
+        device = mm.get_torch_device()
+        dtype, storage = _split_dtype(weight_dtype, device)
         backend = zc.attention.resolve_backend(attention)
+        fp8 = fp8_compute == "fp8 matmul" or (fp8_compute == "auto" and device_supports_fp8(device))
+
+        def load():
+            model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend)
+            set_fp8_matmul(model, fp8)
+            return model
+
         handle = cached_load(
-            "transformer", path,
-            lambda: zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend),
-            {"dtype": dtype, "storage": storage, "attention": backend},
+            "transformer", path, load,
+            {"dtype": dtype, "storage": storage, "attention": backend, "fp8_matmul": fp8},
             {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
         )
         return io.NodeOutput(handle)
