@@ -84,8 +84,8 @@ class ZImageModelLoader(io.ComfyNode):
                              tooltip="Streamed blocks copied ahead of use. 2 hides copies behind compute on most GPUs."),
                 io.Combo.Input("fp8_compute", options=FP8_COMPUTE, default="auto", optional=True, advanced=True,
                                tooltip="For fp8 (e4m3) weights: 'fp8 matmul' multiplies on the fp8 tensor cores "
-                                       "(RTX 40xx / H100 and later; faster, slightly less exact), 'dequantize' up-casts each "
-                                       "weight to bf16 first. auto: fp8 matmul where the GPU has fp8 tensor cores."),
+                                       "(RTX 40xx / H100 and later; measured 1.07× dequantize, less exact), 'dequantize' up-casts each "
+                                       "weight to bf16 first (auto, until fp8 matmul is as exact)."),
             ],
             outputs=[ZImageModel.Output(tooltip="The Z-Image transformer, for the Z-Image Sampler and LoRA nodes.")],
         )
@@ -101,7 +101,9 @@ class ZImageModelLoader(io.ComfyNode):
         device = mm.get_torch_device()
         dtype, storage = _split_dtype(weight_dtype, device)
         backend = zc.attention.resolve_backend(attention)
-        fp8 = fp8_compute == "fp8 matmul" or (fp8_compute == "auto" and device_supports_fp8(device))
+        # auto = dequantize for now: on an H200 fp8 matmul was 1.07× faster than dequantize but 0.77× resident bf16, with
+        # 7.9e-2 error vs fp32 (dequantize 1.25e-2; benchmarks/RESULTS.md): per-row e4m3 activations are too coarse
+        fp8 = fp8_compute == "fp8 matmul" and device_supports_fp8(device)
 
         def load():
             model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend)
