@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import ZImageError
+from .tensor_index import TensorIndex
 
 DTYPES = {
     "F64": torch.float64,
@@ -40,8 +41,6 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def _sniff_foreign(path: str, head: bytes) -> str | None:
     """Name the format of a file that is not safetensors, if we recognise it."""
-    if head[:4] == b"GGUF":
-        return "a GGUF file (quantised weights; load it with the ComfyUI-GGUF pack, or use a .safetensors file)"
     if head[:4] == b"PK\x03\x04":
         return "a PyTorch zip/pickle checkpoint (torch.save); it is never unpickled here for safety"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -51,7 +50,7 @@ def _sniff_foreign(path: str, head: bytes) -> str | None:
     return None
 
 
-class SafetensorsFile:
+class SafetensorsFile(TensorIndex):
     """One safetensors file: header checked on open, tensors handed out as lazy views of a private mapping."""
 
     def __init__(self, path: str):
@@ -117,19 +116,6 @@ class SafetensorsFile:
             )
         self._mm: mmap.mmap | None = None
 
-    # -- header queries (no data read) -------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][0]
-
     def nbytes(self, key: str) -> int:
         _, _, b, e = self._entries[key]
         return e - b
@@ -166,11 +152,25 @@ class SafetensorsFile:
                 pass
 
 
+def open_file(path: str):
+    """A safetensors file, or a GGUF file (recognised by its magic) read through gguf_files."""
+    try:
+        with open(path, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+    except OSError:
+        gguf = False
+    if gguf:
+        from .gguf_files import GGUFFile
+
+        return GGUFFile(path)
+    return SafetensorsFile(path)
+
+
 class WeightFiles:
-    """Several safetensors files (a sharded folder) seen as one key → tensor mapping."""
+    """Several weight files (a sharded folder) seen as one key → tensor mapping."""
 
     def __init__(self, paths: Iterable[str], index: dict[str, str] | None = None):
-        self.files = [SafetensorsFile(p) for p in paths]
+        self.files = [open_file(p) for p in paths]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for k in f.keys():
@@ -191,7 +191,10 @@ class WeightFiles:
         return self.files[0].path if len(self.files) == 1 else os.path.dirname(self.files[0].path)
 
     def config(self) -> dict:
-        """The ``config.json`` beside the weights (an HF folder's), or {} when there is none or it is unreadable."""
+        """The ``config.json`` beside the weights (an HF folder's), or {} when there is none or it is unreadable;
+        a GGUF file's header instead."""
+        if hasattr(self.files[0], "config"):
+            return self.files[0].config()
         folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         try:
             with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -223,7 +226,7 @@ class WeightFiles:
 
 
 def open_weights(path: str, subfolder: str | None = None) -> WeightFiles:
-    """Open a single .safetensors file, or a (diffusers) folder of shards with or without an index json.
+    """Open a single .safetensors or .gguf file, or a (diffusers) folder of shards with or without an index json.
 
     ``subfolder`` is tried inside ``path`` first (e.g. ``transformer`` in an HF model folder).
     """
