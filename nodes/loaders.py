@@ -18,11 +18,18 @@ from .types import ZImageModel, ZImageTextEncoder
 
 WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
 FP8_COMPUTE = ["auto", "dequantize", "fp8 matmul"]
+# .gguf files of the same folders (diffusion_models + unet, text_encoders + clip), under the names
+# city96/ComfyUI-GGUF registers for them (nodes.py update_folder_names_and_paths), so both packs agree.
+GGUF_FOLDERS = {"diffusion_models": "unet_gguf", "text_encoders": "clip_gguf"}
+for _folder, _key in GGUF_FOLDERS.items():
+    if _key not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[_key] = (folder_paths.folder_names_and_paths[_folder][0], {".gguf"})
 
 
 def model_choices(folder: str, marker: str) -> list[str]:
-    """Files ComfyUI lists, plus diffusers-layout folders (containing ``marker``/ or a shard index) as 'name/'."""
-    names = list(folder_paths.get_filename_list(folder))
+    """Files ComfyUI lists (and .gguf files), plus diffusers-layout folders (containing ``marker``/ or a shard
+    index) as 'name/'."""
+    names = list(folder_paths.get_filename_list(folder)) + list(folder_paths.get_filename_list(GGUF_FOLDERS[folder]))
     for root in folder_paths.get_folder_paths(folder):
         if not os.path.isdir(root):
             continue
@@ -40,7 +47,7 @@ def resolve(folder: str, name: str) -> str:
             if os.path.isdir(p):
                 return p
         raise zc.ZImageError(f"model folder {name} not found in models/{folder}.")
-    path = folder_paths.get_full_path(folder, name)
+    path = folder_paths.get_full_path(GGUF_FOLDERS[folder] if name.lower().endswith(".gguf") else folder, name)
     if path is None:
         raise zc.ZImageError(f"{name} is not in models/{folder}; put the file there (or refresh the node list).")
     return path
@@ -64,8 +71,9 @@ class ZImageModelLoader(io.ComfyNode):
                         "then set a budget in GB.",
             inputs=[
                 io.Combo.Input("model_name", options=model_choices("diffusion_models", "transformer"),
-                               tooltip="A file from models/diffusion_models (e.g. z_image_turbo_bf16.safetensors, fp8 variants) "
-                                       "or a diffusers folder (name/). Downloads: huggingface.co/Comfy-Org/z_image_turbo "
+                               tooltip="A file from models/diffusion_models or models/unet (e.g. z_image_turbo_bf16.safetensors, "
+                                       "fp8 variants, GGUF files such as z_image_turbo-Q4_K_M.gguf, kept quantised) or a "
+                                       "diffusers folder (name/). Downloads: huggingface.co/Comfy-Org/z_image_turbo "
                                        "(base: Comfy-Org/z_image), or `python -m zimage_core download` in the pack's folder."),
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="auto",
                                tooltip="auto: bf16 compute (fp32 on CPU), weights kept as stored. fp8_*: store weights in fp8 "
@@ -129,7 +137,8 @@ class ZImageTextEncoderLoader(io.ComfyNode):
                         "to the GPU to encode and leaves right after, so it never competes with the transformer.",
             inputs=[
                 io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", "text_encoder"),
-                               tooltip="qwen_3_4b.safetensors (or its fp8 variant) from models/text_encoders, or an HF folder (name/). "
+                               tooltip="qwen_3_4b.safetensors (or its fp8 variant, or a Qwen3-4B GGUF such as Qwen3-4B-Q4_K_M.gguf) "
+                                       "from models/text_encoders or models/clip, or an HF folder (name/). "
                                        "Download: huggingface.co/Comfy-Org/z_image_turbo (split_files/text_encoders)."),
                 io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES[:-1], default="auto",
                                tooltip="auto: bf16 compute, weights as stored. fp8_e4m3fn stores weights in fp8 (4 GB instead of 8)."),

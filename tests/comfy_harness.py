@@ -94,6 +94,12 @@ def populate(base: str) -> None:
 
     save_controlnet(diffusers_controlnet("2.1"), os.path.join(models, "model_patches",
                     "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"), "2.1", dtype=torch.bfloat16)
+    from tiny_gguf import save_dit_gguf, save_qwen_gguf  # quantised files in ComfyUI's other folders, with their truth
+
+    save_dit_gguf(dit, os.path.join(models, "unet", "z_image_turbo-Q8_0.gguf"),
+                  os.path.join(models, "diffusion_models", "z_image_turbo_gguf_expanded.safetensors"))
+    save_qwen_gguf(tiny_qwen(0), os.path.join(models, "clip", "Qwen3-4B-Q4_0.gguf"),
+                   os.path.join(models, "text_encoders", "qwen3_gguf_expanded.safetensors"))
     inp = os.path.join(base, "input")
     os.makedirs(inp, exist_ok=True)
     sample_picture(256, 192, seed=1).save(os.path.join(inp, "zimage_example.png"))

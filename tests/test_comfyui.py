@@ -170,6 +170,30 @@ def test_wrong_file_error_names_it_and_server_keeps_serving(server, object_info)
     assert imgs
 
 
+def test_gguf_model_and_text_encoder_from_unet_and_clip(server, object_info):
+    """Quantised GGUF files in models/unet and models/clip are listed and draw what their expanded weights draw."""
+    def options(node, name):
+        spec = object_info[node]["input"]["required"][name]
+        return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+    assert "z_image_turbo-Q8_0.gguf" in options("ZImageModelLoader", "model_name")
+    assert "Qwen3-4B-Q4_0.gguf" in options("ZImageTextEncoderLoader", "text_encoder_name")
+    prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+
+    def with_files(dit, te):
+        p = copy.deepcopy(prompt)
+        for node in p.values():
+            if node["class_type"] == "ZImageModelLoader":
+                node["inputs"]["model_name"] = dit
+            if node["class_type"] == "ZImageTextEncoderLoader":
+                node["inputs"]["text_encoder_name"] = te
+        return p
+
+    a, _ = run(server, with_files("z_image_turbo-Q8_0.gguf", "Qwen3-4B-Q4_0.gguf"), 21)
+    b, _ = run(server, with_files("z_image_turbo_gguf_expanded.safetensors", "qwen3_gguf_expanded.safetensors"), 21)
+    assert a[0].std() > 2 and np.abs(a[0] - b[0]).mean() < 0.5, np.abs(a[0] - b[0]).mean()
+
+
 def test_seed_noise_equals_comfyui_prepare_noise(tmp_path):
     import subprocess
 

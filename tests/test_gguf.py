@@ -1,11 +1,7 @@
 """GGUF files: our torch expansion equals gguf's own reference (``gguf.quants.dequantize``) bit for bit; tiny
-Z-Image and Qwen3 models written with gguf's writer (real tensor names, several quant types in one file) equal
-the same expanded weights loaded from safetensors; streaming moves quantised bytes; LoRA runs as patches.
-
-Files are made as the real tools make them: DiT files as city96/ComfyUI-GGUF ``tools/convert.py`` writes them
-(``GGUFWriter(arch="lumina2")``, ComfyUI key names, 1-D and tiny tensors in F32), text encoders with the
-names llama.cpp's ``convert_hf_to_gguf.py`` gives (gguf-py ``tensor_mapping.py``, ``get_tensor_name_map``).
-Quantised blocks are random bytes (gguf-py quantises only some types), with sensible f16 scales."""
+Z-Image and Qwen3 models written with gguf's writer (real tensor names, several quant types in one file, see
+tiny_gguf.py) equal the same expanded weights loaded from safetensors; streaming moves quantised bytes; LoRA
+runs as patches."""
 
 import gguf
 import numpy as np
@@ -14,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from safetensors.torch import save_file
 from tiny import comfyui_state_dict, diffusers_transformer, rel_err, tiny_qwen
+from tiny_gguf import DIT_TYPES, SCALE_AT, quantise_state_dict, random_blocks, save_qwen_gguf, write_gguf
 
 import zimage_core as zc
 from zimage_core.ggml import EXPAND, GGMLFormat
@@ -22,23 +19,7 @@ from zimage_core.offload import BlockStreamer, module_bytes, plan_offload
 from zimage_core.packed import Packed, Stacked
 from zimage_core.transformer_files import meta_transformer
 
-# Byte offsets of the f16 scale fields (d, and dmin or m) in one block: gguf/quants.py dequantize_blocks' hsplits.
-SCALE_AT = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.IQ4_NL: (0,),
-            QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.IQ4_XS: (0,)}
-# Typical |quantised value × sub-block scale| per type, so random blocks make weights of about 1/sqrt(fan-in).
-GAIN = {QT.Q8_0: 64, QT.Q4_0: 4, QT.Q4_1: 8, QT.Q5_0: 8, QT.Q5_1: 16, QT.IQ4_NL: 64, QT.Q2_K: 12, QT.Q3_K: 32,
-        QT.Q4_K: 256, QT.Q5_K: 512, QT.Q6_K: 1024, QT.IQ4_XS: 1024}
 EDGE_F16 = np.array([0.0, -0.0, 65504.0, -65504.0, 2.0**-24, np.inf, -np.inf, np.nan, 1.0, -1.0], dtype=np.float16)
-
-
-def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
-    """rows × cols weights as random blocks (uint8 rows × bytes) whose scales give entries of about 1/sqrt(cols)."""
-    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (rows * cols // bs, ts), dtype=np.uint8)
-    for off in SCALE_AT[qtype]:
-        d = (rng.uniform(0.5, 1.5, raw.shape[0]) / (GAIN[qtype] * cols**0.5)).astype(np.float16)
-        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
-    return raw.reshape(rows, -1)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -64,53 +45,7 @@ def test_expansion_equals_gguf_reference_bit_for_bit(qtype):
     assert packed.nbytes == raw.nbytes
 
 
-def _types_for(cols: int, cycle: list) -> list:
-    return [q for q in cycle if cols % gguf.GGML_QUANT_SIZES[q][0] == 0]
-
-
-def write_gguf(path, arch: str, tensors: dict, meta=None) -> str:
-    """tensors: name → (float32 array, qtype); quantised types get random blocks. Returns the path."""
-    w = gguf.GGUFWriter(path, arch=arch)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for fn, args in (meta or {}).items():
-        getattr(w, fn)(*args)
-    for name, (arr, qt) in tensors.items():
-        if qt == QT.F32:
-            w.add_tensor(name, arr.astype(np.float32))
-        elif qt == QT.F16:
-            w.add_tensor(name, arr.astype(np.float16))
-        else:
-            w.add_tensor(name, arr, raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
-
-
-def quantise_state_dict(sd: dict, seed: int, cycle: list, threshold: int = 1024):
-    """name → (array to write, qtype) and the expanded truth (float32; F16 tensors as float16, as loading keeps them),
-    choosing types as the converters do: 1-D and tiny tensors F32, rows no block size divides F16, the rest
-    cycling through ``cycle``."""
-    rng = np.random.default_rng(seed)
-    out, truth, i = {}, {}, 0
-    for name, v in sd.items():
-        v = v.float().numpy()
-        options = _types_for(v.shape[-1], cycle) if v.ndim == 2 else []
-        if v.ndim < 2 or v.size <= threshold:
-            out[name], truth[name] = (v, QT.F32), torch.from_numpy(v.copy())
-        elif not options:
-            out[name], truth[name] = (v, QT.F16), torch.from_numpy(v.astype(np.float16))
-        else:
-            qt = options[i % len(options)]
-            i += 1
-            raw = random_blocks(qt, v.shape[0], v.shape[1], rng)
-            out[name], truth[name] = (raw, qt), torch.from_numpy(gguf.quants.dequantize(raw, qt).copy())
-    return out, truth
-
-
 DIT = dict(dim=256, n_heads=8, n_kv_heads=8)  # head dim 32 = RoPE axes 8+12+12; rows of 256 take the K types
-DIT_TYPES = [QT.Q4_K, QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q3_K, QT.Q2_K, QT.IQ4_XS, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1, QT.IQ4_NL]
 
 
 @pytest.fixture(scope="module")
@@ -216,30 +151,16 @@ def test_lora_on_gguf_is_a_runtime_patch_in_every_dialect(dit_files, tmp_path):
     assert not model.layers[0].attention.qkv.patches
 
 
-QWEN_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q5_1, QT.IQ4_NL, QT.Q4_1, QT.Q5_0]
-
-
 def test_gguf_text_encoder_with_llama_cpp_names(tmp_path, tokenizer_dir):
-    hf = tiny_qwen(0, layers=3)
-    sd = {"model." + k: v for k, v in hf.state_dict().items()}
-    tensors, truth = quantise_state_dict(sd, 1, QWEN_TYPES)
     # q, k, v of different types (fused into one packed qkv of parts), gate and up of one type (one block array)
-    rng = np.random.default_rng(5)
-    for i in range(3):
-        for part, qt in (("self_attn.q_proj", QT.Q4_0), ("self_attn.k_proj", QT.Q8_0), ("self_attn.v_proj", QT.Q5_1),
-                         ("mlp.gate_proj", QT.Q4_1), ("mlp.up_proj", QT.Q4_1)):
-            name = f"model.layers.{i}.{part}.weight"
-            rows, cols = truth[name].shape
-            raw = random_blocks(qt, rows, cols, rng)
-            tensors[name], truth[name] = (raw, qt), torch.from_numpy(gguf.quants.dequantize(raw, qt).copy())
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, 3)
-    cpp = {names.get_name(k, try_suffixes=(".weight",)): v for k, v in tensors.items()}
-    assert "blk.0.attn_q.weight" in cpp and "token_embd.weight" in cpp and "blk.2.ffn_norm.weight" in cpp
-    path = write_gguf(tmp_path / "Qwen3-4B-Q4_K_M.gguf", "qwen3", cpp,
-                      {"add_rope_freq_base": (1e6,), "add_layer_norm_rms_eps": (1e-6,), "add_block_count": (3,)})
-    save_file({k: v.contiguous() for k, v in truth.items()}, str(tmp_path / "truth.safetensors"))
+    parts = (("self_attn.q_proj", QT.Q4_0), ("self_attn.k_proj", QT.Q8_0), ("self_attn.v_proj", QT.Q5_1),
+             ("mlp.gate_proj", QT.Q4_1), ("mlp.up_proj", QT.Q4_1))
+    path, truth = str(tmp_path / "Qwen3-4B-Q4_K_M.gguf"), str(tmp_path / "truth.safetensors")
+    save_qwen_gguf(tiny_qwen(0, layers=3), path, truth, parts=parts)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.attn_q.weight", "token_embd.weight", "blk.2.ffn_norm.weight", "output_norm.weight"} <= names
     te = zc.load_text_encoder(path, dtype=torch.float32, tokenizer=tokenizer_dir)
-    want = zc.load_text_encoder(str(tmp_path / "truth.safetensors"), dtype=torch.float32, tokenizer=tokenizer_dir)
+    want = zc.load_text_encoder(truth, dtype=torch.float32, tokenizer=tokenizer_dir)
     attn = te.layers[0].self_attn.qkv_proj.weight
     assert isinstance(attn.fmt, Stacked) and te.layers[0].mlp.gate_up_proj.weight.fmt == GGMLFormat(int(QT.Q4_1))
     assert isinstance(te.embed_tokens.weight, Packed)  # the 151k-row table stays quantised; rows expand on lookup
@@ -271,3 +192,11 @@ def test_wrong_and_unsupported_files_are_named(tmp_path, dit_files):
     broken.write_bytes(open(dit_files["comfyui"][0], "rb").read()[:3000])
     with pytest.raises(zc.ZImageError, match="broken.gguf"):
         zc.load_transformer(str(broken))
+
+
+def test_cli_info_names_the_quant_types(dit_files, capsys):
+    from zimage_core.cli import main
+
+    assert main(["info", dit_files["comfyui"][0]]) == 0
+    out = capsys.readouterr().out
+    assert "Z-Image transformer" in out and "Q4_K" in out and "IQ4_XS" in out and "layout: comfyui" in out

@@ -60,9 +60,11 @@ def find_weights(models: str | None = None, hf: str | None = None, transformer: 
         vae = vae or hf
     if models:
         transformer = transformer or _pick(os.path.join(models, "diffusion_models"), ["z_image_turbo*.safetensors", "z_image*.safetensors", "*z_image*.safetensors"]) \
-            or _pick(os.path.join(models, "unet"), ["*z_image*.safetensors"])
+            or _pick(os.path.join(models, "unet"), ["*z_image*.safetensors"]) \
+            or _pick(os.path.join(models, "diffusion_models"), ["*z_image*.gguf"]) or _pick(os.path.join(models, "unet"), ["*z_image*.gguf"])
         text_encoder = text_encoder or _pick(os.path.join(models, "text_encoders"), ["qwen_3_4b.safetensors", "qwen_3_4b*.safetensors", "*qwen3*4b*.safetensors"]) \
-            or _pick(os.path.join(models, "clip"), ["qwen_3_4b*.safetensors"])
+            or _pick(os.path.join(models, "clip"), ["qwen_3_4b*.safetensors"]) \
+            or _pick(os.path.join(models, "text_encoders"), ["*qwen3*4b*.gguf"]) or _pick(os.path.join(models, "clip"), ["*qwen3*4b*.gguf"])
         vae = vae or _pick(os.path.join(models, "vae"), ["ae.safetensors", "*flux*ae*.safetensors", "*z_image*vae*.safetensors"])
     missing = [n for n, p in (("transformer", transformer), ("text encoder", text_encoder), ("VAE", vae)) if not p]
     if missing:
