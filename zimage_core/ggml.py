@@ -9,6 +9,7 @@ step for step in float32, so the result equals it bit for bit; the vectorised fo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gguf
@@ -28,10 +29,11 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.float16).float()
 
 
-def _bits(x: torch.Tensor, shifts, mask: int, group: int) -> torch.Tensor:
-    """Unpack fields: byte rows of ``group`` bytes × each shift (in order) → (n, groups, len(shifts), group)."""
-    sh = torch.tensor(shifts, dtype=torch.uint8, device=x.device).reshape(1, 1, -1, 1)
-    return (x.reshape(x.shape[0], -1, 1, group) >> sh) & mask
+def _bits(x: torch.Tensor, width: int, group: int) -> torch.Tensor:
+    """Unpack ``width``-bit fields: byte rows of ``group`` bytes, low bits first → (n, groups, 8 / width, group).
+    The shifts come from ``arange`` (a kernel, not a host-to-device copy that would wait for the GPU)."""
+    sh = torch.arange(0, 8, width, dtype=torch.uint8, device=x.device).reshape(1, 1, -1, 1)
+    return (x.reshape(x.shape[0], -1, 1, group) >> sh) & ((1 << width) - 1)
 
 
 def _u32(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,7 @@ def _low_high_5(qs: torch.Tensor, qh: torch.Tensor, half: int) -> torch.Tensor:
     """Q5_0/Q5_1: 4 low bits from nibbles, the 5th bit from a little-endian uint32 per block."""
     n = qs.shape[0]
     high = (_u32(qh)[:, None] >> torch.arange(32, device=qs.device, dtype=torch.int32)) & 1
-    low = _bits(qs, (0, 4), 0x0F, half).reshape(n, -1)
+    low = _bits(qs, 4, half).reshape(n, -1)
     return low.to(torch.int32) | (high << 4)
 
 
@@ -54,12 +56,12 @@ def q8_0(b):
 
 def q4_0(b):
     d, qs = _split(b, 2)
-    return _f16(d) * (_bits(qs, (0, 4), 0x0F, 16).reshape(b.shape[0], -1).to(torch.int8) - 8).float()
+    return _f16(d) * (_bits(qs, 4, 16).reshape(b.shape[0], -1).to(torch.int8) - 8).float()
 
 
 def q4_1(b):
     d, m, qs = _split(b, 2, 2)
-    return _f16(d) * _bits(qs, (0, 4), 0x0F, 16).reshape(b.shape[0], -1).float() + _f16(m)
+    return _f16(d) * _bits(qs, 4, 16).reshape(b.shape[0], -1).float() + _f16(m)
 
 
 def q5_0(b):
@@ -85,19 +87,19 @@ def q2_k(b):
     scales, qs, d, dmin = _split(b, QK_K // 16, QK_K // 4, 2)
     dl = (_f16(d) * (scales & 0xF).float()).reshape(n, 16, 1)
     ml = (_f16(dmin) * (scales >> 4).float()).reshape(n, 16, 1)
-    q = _bits(qs, (0, 2, 4, 6), 3, 32).reshape(n, 16, 16).float()
+    q = _bits(qs, 2, 32).reshape(n, 16, 16).float()
     return (dl * q - ml).reshape(n, QK_K)
 
 
 def q3_k(b):
     n = b.shape[0]
     hmask, qs, scales, d = _split(b, QK_K // 8, QK_K // 4, 12)
-    low = _bits(scales[:, :8], (0, 4), 0x0F, 8).reshape(n, 16)
-    high = _bits(scales[:, 8:], (0, 2, 4, 6), 0x03, 4).reshape(n, 16)
+    low = _bits(scales[:, :8], 4, 8).reshape(n, 16)
+    high = _bits(scales[:, 8:], 2, 4).reshape(n, 16)
     sc = (low | (high << 4)).to(torch.int8) - 32
     dl = (_f16(d) * sc.float()).reshape(n, 16, 1)
-    ql = _bits(qs, (0, 2, 4, 6), 3, 32).reshape(n, 16, 16)
-    qh = _bits(hmask, tuple(range(8)), 1, 32).reshape(n, 16, 16) ^ 1
+    ql = _bits(qs, 2, 32).reshape(n, 16, 16)
+    qh = _bits(hmask, 1, 32).reshape(n, 16, 16) ^ 1
     return (dl * (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()).reshape(n, QK_K)
 
 
@@ -107,7 +109,7 @@ def q4_k(b):
     sc, mn = _scale_min_k4(scales)
     dl = (_f16(d) * sc).reshape(n, -1, 1)
     ml = (_f16(dmin) * mn).reshape(n, -1, 1)
-    q = _bits(qs, (0, 4), 0x0F, 32).reshape(n, -1, 32).float()
+    q = _bits(qs, 4, 32).reshape(n, -1, 32).float()
     return (dl * q - ml).reshape(n, QK_K)
 
 
@@ -117,8 +119,8 @@ def q5_k(b):
     sc, mn = _scale_min_k4(scales)
     dl = (_f16(d) * sc).reshape(n, -1, 1)
     ml = (_f16(dmin) * mn).reshape(n, -1, 1)
-    ql = _bits(qs, (0, 4), 0x0F, 32).reshape(n, -1, 32)
-    high = _bits(qh, tuple(range(8)), 1, 32).reshape(n, -1, 32)
+    ql = _bits(qs, 4, 32).reshape(n, -1, 32)
+    high = _bits(qh, 1, 32).reshape(n, -1, 32)
     return (dl * (ql | (high << 4)).float() - ml).reshape(n, QK_K)
 
 
@@ -126,29 +128,34 @@ def q6_k(b):
     n = b.shape[0]
     ql, qh, scales, d = _split(b, QK_K // 2, QK_K // 4, QK_K // 16)
     dl = (_f16(d) * scales.view(torch.int8).float()).reshape(n, QK_K // 16, 1)
-    low = _bits(ql, (0, 4), 0x0F, 64).reshape(n, -1, 32)
-    high = _bits(qh, (0, 2, 4, 6), 0x03, 32).reshape(n, -1, 32)
+    low = _bits(ql, 4, 64).reshape(n, -1, 32)
+    high = _bits(qh, 2, 32).reshape(n, -1, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K // 16, -1)
     return (dl * q.float()).reshape(n, QK_K)
 
 
+@functools.lru_cache(maxsize=8)
+def _iq4_levels(device: torch.device) -> torch.Tensor:
+    return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)  # copied to each device once
+
+
 def _iq4(idx: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=idx.device)[idx.long()]
+    return _iq4_levels(idx.device)[idx.long()]
 
 
 def iq4_nl(b):
     d, qs = _split(b, 2)
-    return _f16(d) * _iq4(_bits(qs, (0, 4), 0x0F, 16).reshape(b.shape[0], -1))
+    return _f16(d) * _iq4(_bits(qs, 4, 16).reshape(b.shape[0], -1))
 
 
 def iq4_xs(b):
     n = b.shape[0]
     d, sh, sl, qs = _split(b, 2, 2, QK_K // 64)
     high = (sh.to(torch.int32)[:, :1] | sh.to(torch.int32)[:, 1:] << 8) >> torch.arange(0, 16, 2, device=b.device, dtype=torch.int32)
-    low = _bits(sl, (0, 4), 0x0F, 1).reshape(n, -1)
+    low = _bits(sl, 4, 1).reshape(n, -1)
     sc = (low.to(torch.int32) | ((high & 3) << 4)) - 32
     dl = (_f16(d) * sc.float()).reshape(n, -1, 1)
-    return (dl * _iq4(_bits(qs, (0, 4), 0x0F, 16).reshape(n, -1, 32))).reshape(n, QK_K)
+    return (dl * _iq4(_bits(qs, 4, 16).reshape(n, -1, 32))).reshape(n, QK_K)
 
 
 EXPAND = {
