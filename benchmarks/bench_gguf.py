@@ -65,7 +65,7 @@ def packed(qt, shape, rng, dev) -> Packed:
     return Packed(GGMLFormat(int(qt)), tuple(shape), {"blocks": torch.from_numpy(raw).to(dev)})
 
 
-def expansion(types, shape, dev, dtype, repeats):
+def expansion(types, shape, dev, dtype, repeats, compile_=False):
     print(f"\n## expansion of one {shape[0]}×{shape[1]} weight to {dtype} on {dev}")
     print(f"{'type':8} {'bits/weight':>11} {'ms':>8} {'GB/s out':>9}")
     rng = np.random.default_rng(0)
@@ -75,7 +75,8 @@ def expansion(types, shape, dev, dtype, repeats):
     print(f"{'bf16 cast':8} {16:>11.2f} {s * 1e3:>8.2f} {out / s / 1e9:>9.3f}")
     for qt in types:
         p = packed(qt, shape, rng, dev)
-        s = timed(lambda: p.dequantize(dtype), dev, repeats)
+        fn = torch.compile(p.fmt.dequantize, dynamic=False) if compile_ else p.fmt.dequantize
+        s = timed(lambda: fn(p.tensors, p.shape, dtype), dev, repeats)
         print(f"{qt.name:8} {p.nbytes * 8 / base.numel():>11.2f} {s * 1e3:>8.2f} {out / s / 1e9:>9.3f}")
 
 
@@ -108,6 +109,9 @@ def forward_times(model, label, args, dev, inputs, ref=None):
     for budget in args.budgets.split(","):
         if budget != "full" and dev.type != "cuda":
             continue
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
         st = offload(model, mode="resident" if budget == "full" else "budget", budget_gb=None if budget == "full" else float(budget),
                      device=dev, width=args.size, height=args.size)
         with torch.inference_mode():
@@ -116,9 +120,6 @@ def forward_times(model, label, args, dev, inputs, ref=None):
         ratio = "" if ref is None else f"{s / ref:>7.2f}×"
         print(f"{label:8} {budget:>6} {module_bytes(model) / GB:>8.2f} {len(st.plan.streamed):>8} {s:>9.3f} {peak:>8.2f} {ratio}")
         st.detach()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
         if budget == "full" and ref is None:
             ref = s
     return ref
@@ -134,6 +135,7 @@ def main():
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 with --full, else 256)")
     ap.add_argument("--steps", type=int, default=8, help="timed model calls per setting")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time the expansion under torch.compile")
     ap.add_argument("--compute", default=None, help="compute dtype (default bf16 on CUDA, float32 on CPU, as the nodes do)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -141,7 +143,11 @@ def main():
     args.size = args.size or (1024 if args.full else 256)
     print(f"torch {torch.__version__}, device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                                                          f", {torch.get_num_threads()} threads"))
-    expansion([QT[t] for t in args.types.split(",")], (3840, 10240) if args.full else (1024, 2816), dev, dtype, args.repeats)
+    shape = (3840, 10240) if args.full else (1024, 2816)
+    expansion([QT[t] for t in args.types.split(",")], shape, dev, dtype, args.repeats)
+    if args.compile:
+        print("\n(torch.compile)", end="")
+        expansion([QT[t] for t in args.types.split(",")], shape, dev, dtype, args.repeats, compile_=True)
 
     cfg = FULL if args.full else MID
     g = torch.Generator().manual_seed(1)
