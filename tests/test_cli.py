@@ -41,10 +41,11 @@ def test_generate_batch_writes_pngs_with_parameters(models, tokenizer_dir, tmp_p
     assert "a fox" in meta["parameters"] and "Seed: 11" in meta["parameters"] and "Steps: 8" in meta["parameters"]
     info = json.loads(meta["zimage"])
     assert info["seed"] == 11 and info["preset"] == "turbo" and info["transformer"].endswith("z_image_turbo_bf16.safetensors")
-    # same seed → same image; another seed → another image
+    # same seed → same image; another seed → another image. The batch of one runs other matmul shapes than the
+    # batch of two (other CPU kernels: ~3e-6 apart on an AMD EPYC), so a pixel may round the other way
     r2 = run(["generate", "--models", models, "--tokenizer", tokenizer_dir, "--dtype", "fp32", "-p", "a fox",
               "--width", "64", "--height", "48", "--seed", "11", "-o", str(tmp_path / "again.png")])
-    assert r2.returncode == 0 and np.array_equal(pixels(tmp_path / "again.png"), a)
+    assert r2.returncode == 0 and np.abs(pixels(tmp_path / "again.png") - a).max() <= 1
     r3 = run(["generate", "--models", models, "--tokenizer", tokenizer_dir, "--dtype", "fp32", "-p", "a fox",
               "--width", "64", "--height", "48", "--seed", "12", "-o", str(tmp_path / "other.png")])
     assert r3.returncode == 0 and np.abs(pixels(tmp_path / "other.png") - a).mean() > 1

@@ -203,7 +203,9 @@ def test_bad_input_messages(ours, caplog):
         _, lat = ours(s(prompt="", negative_prompt="", preset="base", steps=2, width=64, height=48))
     assert "identical" in caplog.text
     _, lat1 = ours(s(prompt="", preset="turbo", steps=2, width=64, height=48))
-    assert torch.equal(lat, lat1)
+    # the CFG run encodes [prompt, negative] as a batch of two, the turbo run a batch of one: a different matmul
+    # shape may pick different CPU kernels (3e-6 apart on an AMD EPYC), so equal within fp32 rounding, not bitwise
+    assert rel_err(lat, lat1) < 1e-5
 
 
 def test_nan_names_the_step(ours):
