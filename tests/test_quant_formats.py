@@ -113,3 +113,121 @@ def test_nibbles_and_e8m0():
     assert qf.unpack_nibbles(b.view(torch.int8), signed=True, high_first=False).tolist() == [[-1, 0, 0, -8, -6, 7]]
     e = torch.tensor([0, 1, 127, 128, 254], dtype=torch.uint8)
     assert qf.e8m0_to_float(e).tolist() == [0.0, 2.0**-126, 1.0, 2.0, 2.0**127]
+
+
+# ---- whole models: tiny Z-Image and Qwen3 files quantized per layer ("mixed") by ComfyUI --------------------
+
+# (format, comfy layout, quantize kwargs, eligible(N, K)) cycled over the eligible layers; None keeps a layer plain
+MIXED = [
+    ("nvfp4", "TensorCoreNVFP4Layout", {}, lambda n, k: n % 16 == 0 and k % 16 == 0),
+    ("float8_e4m3fn", "TensorCoreFP8E4M3Layout", {"scale": "recalculate"}, lambda n, k: True),
+    ("mxfp8", "TensorCoreMXFP8Layout", {}, lambda n, k: n % 32 == 0 and k % 32 == 0),
+    (None, None, None, lambda n, k: True),
+    ("int8_tensorwise", "TensorWiseINT8Layout", {}, lambda n, k: True),
+    ("convrot_w4a4", "TensorCoreConvRotW4A4Layout", {"convrot_groupsize": 16}, lambda n, k: k % 64 == 0),
+    ("int8_tensorwise", "TensorWiseINT8Layout", {"per_channel": True, "convrot": True, "convrot_groupsize": 16},
+     lambda n, k: k % 16 == 0),
+    ("asym_w4a8_int8", "AsymW4A8Int8Layout", {"group_size": 16, "convrot_groupsize": 16}, lambda n, k: k % 16 == 0),
+]
+
+QUANTIZE_FILE = r"""
+import json, sys, torch
+src, out, plan = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing()
+from comfy.ops import mixed_precision_ops
+from comfy.quant_ops import QuantizedTensor
+from safetensors.torch import load_file, save_file
+ops = mixed_precision_ops({}, compute_dtype=torch.float32)
+sd = load_file(src)
+written, ref = {}, {}
+for k, v in sd.items():
+    layer = k[: -len(".weight")]
+    if layer not in plan:
+        written[k] = ref[k] = v
+        continue
+    fmt, layout, kw = plan[layer]
+    lin = ops.Linear(v.shape[1], v.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(QuantizedTensor.from_float(v.float(), layout, **kw), requires_grad=False)
+    lin.quant_format = fmt
+    q = lin.state_dict(prefix=layer + ".")
+    written.update({n: t.contiguous() for n, t in q.items()})
+    back = ops.Linear(v.shape[1], v.shape[0], bias=False)
+    back.load_state_dict({n[len(layer) + 1:]: t for n, t in q.items()}, strict=False)
+    ref[k] = back.weight.dequantize().float().contiguous()
+save_file(written, out + "/quantized.safetensors")
+save_file(ref, out + "/dequantized.safetensors")
+"""
+
+
+def quantize_file(src: str, tmp_path, skip=lambda k: False, force: dict | None = None) -> tuple[str, str, dict]:
+    """ComfyUI quantizes every eligible 2-D weight of ``src``, cycling through MIXED (``force``: layer → fixed
+    entry); returns (quantized file, file of ComfyUI's dequantized weights, layer → format)."""
+    from safetensors import safe_open
+
+    plan, i = dict(force or {}), 0
+    with safe_open(src, "pt") as f:
+        for k in f.keys():
+            shape = f.get_slice(k).get_shape()
+            if not k.endswith(".weight") or len(shape) != 2 or skip(k) or k[: -len(".weight")] in plan:
+                continue
+            for _ in range(len(MIXED)):
+                fmt, layout, kw, ok = MIXED[i % len(MIXED)]
+                i += 1
+                if ok(*shape):
+                    break
+            if fmt:
+                plan[k[: -len(".weight")]] = [fmt, layout, kw]
+    out = tmp_path / "q"
+    out.mkdir()
+    r = subprocess.run([comfyui_python(COMFY), "-c", QUANTIZE_FILE, src, str(out), json.dumps(plan)], cwd=COMFY,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(out / "quantized.safetensors"), str(out / "dequantized.safetensors"), plan
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(COMFY is None, reason="no ComfyUI found (set COMFYUI_PATH)")
+def test_mixed_quantized_transformer_equals_dequantized_reference(tmp_path):
+    from tiny import diffusers_transformer, rel_err, save_comfyui
+
+    import zimage_core as zc
+    from zimage_core.offload import module_bytes
+    from zimage_core.packed import Packed
+    from zimage_core.transformer_files import meta_transformer
+
+    src = save_comfyui(diffusers_transformer(seed=3), str(tmp_path / "z.safetensors"))
+    qpath, refpath, plan = quantize_file(src, tmp_path, skip=lambda k: "pad_token" in k)
+    assert {p[0] for p in plan.values()} >= {"nvfp4", "mxfp8", "float8_e4m3fn", "int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8"}
+    q, ref = zc.load_transformer(qpath, dtype=torch.float32), zc.load_transformer(refpath, dtype=torch.float32)
+    packed = [n for n, m in q.named_modules() if isinstance(getattr(m, "weight", None), Packed)]
+    assert len(packed) >= len([f for f, *_ in plan.values() if f != "float8_e4m3fn"])  # kept packed in memory
+    g = torch.Generator().manual_seed(0)
+    x, caps = torch.randn(2, 16, 8, 8, generator=g), [torch.randn(7, 32, generator=g), torch.randn(12, 32, generator=g)]
+    t = torch.tensor([0.3, 0.8])
+    with torch.inference_mode():
+        assert rel_err(q(x, t, caps), ref(x, t, caps)) <= 1e-6
+    meta = meta_transformer(qpath, dtype=torch.float32)  # offload planning from the header: the same packed bytes
+    def packed_bytes(m):
+        return {n: s.weight.nbytes for n, s in m.named_modules() if isinstance(getattr(s, "weight", None), Packed)}
+
+    assert packed_bytes(meta) == packed_bytes(q) and module_bytes(q) < module_bytes(ref)
+
+
+@pytest.mark.comfyui
+@pytest.mark.skipif(COMFY is None, reason="no ComfyUI found (set COMFYUI_PATH)")
+def test_mixed_quantized_text_encoder_equals_dequantized_reference(tmp_path, tokenizer_dir):
+    from tiny import rel_err, save_qwen_comfyui, tiny_qwen
+
+    import zimage_core as zc
+
+    src = save_qwen_comfyui(tiny_qwen(seed=4, hidden=64), str(tmp_path / "qwen.safetensors"))
+    # ComfyUI quantizes embeddings only as fp8 or int8 (comfy/ops.py MixedPrecisionOps.Embedding)
+    qpath, refpath, plan = quantize_file(src, tmp_path, force={"model.embed_tokens": ["int8_tensorwise", "TensorWiseINT8Layout", {}]})
+    assert len({p[0] for p in plan.values()}) >= 5  # mixed: several formats and plain layers side by side
+    q = zc.load_text_encoder(qpath, dtype=torch.float32, tokenizer=tokenizer_dir)
+    ref = zc.load_text_encoder(refpath, dtype=torch.float32, tokenizer=tokenizer_dir)
+    prompts = ["a red fox asleep on a mossy stone", "ink drawing of a lighthouse in a storm, high contrast"]
+    for a, b in zip(q.encode(prompts), ref.encode(prompts)):
+        assert rel_err(a, b) <= 1e-6

@@ -186,8 +186,8 @@ def test_unsupported_quant_format_is_named(tmp_path, good_file):
     from safetensors.torch import load_file
 
     sd = load_file(good_file)
-    sd["layers.0.attention.qkv.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
-    with pytest.raises(zc.ZImageError, match="uses quantisation format 'nvfp4'"):
+    sd["layers.0.attention.qkv.comfy_quant"] = torch.tensor(list(json.dumps({"format": "svdquant_w2"}).encode()), dtype=torch.uint8)
+    with pytest.raises(zc.ZImageError, match="uses quantisation format 'svdquant_w2'"):
         zc.load_transformer(write(tmp_path / "nvfp4.safetensors", sd))
 
 

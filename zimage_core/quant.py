@@ -1,4 +1,4 @@
-"""fp8 weight storage: ComfyUI's scaled-fp8 conventions and our own per-tensor quantisation.
+"""ComfyUI's quantized weight files (fp8 and the packed formats) and our own per-tensor fp8 quantisation.
 
 ComfyUI files come in three fp8 flavours (see ComfyUI ``comfy/utils.py: convert_old_quants`` and
 ``comfy/ops.py``):
@@ -7,49 +7,125 @@ ComfyUI files come in three fp8 flavours (see ComfyUI ``comfy/utils.py: convert_
     ``scale_input``), real = w · scale_weight;
   * quantisation metadata v1: ``<layer>.comfy_quant`` (uint8 JSON, e.g. {"format": "float8_e4m3fn"}) or a
     ``_quantization_metadata`` JSON in the file header, per layer ``weight_scale`` (and ``input_scale``),
-    weights possibly in a uint8 container. Only the fp8 formats are read; others get a clear error.
+    weights possibly in a uint8 container. The block and integer formats of the same scheme (mxfp8, nvfp4,
+    int8_tensorwise, convrot_w4a4, asym_w4a8_int8; quant_formats.py) are read as ``Packed`` weights through
+    ``QuantizedView``; "mixed" files quantise only some layers.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ZImageError
 from .layers import FP8_DTYPES
+from .packed import Packed
+from .quant_formats import EXTRA_KEYS, FORMAT_KEYS, dequantize, logical_shape, read_config
 
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+PACKED_FORMATS = set(FORMAT_KEYS) - set(FP8_FORMATS)
 
 
-def layer_formats(files, wanted: set[str] | None = None) -> dict[str, str]:
-    """Layer (file key without '.weight') → quantisation format named by the file, if any.
-
-    ``wanted`` limits which per-layer configs are read (layers we never load are not touched)."""
-    out: dict[str, str] = {}
+def layer_configs(files, wanted: set[str] | None = None, check: bool = True) -> dict[str, dict]:
+    """Layer (file key without '.weight') → its ``comfy_quant`` config (``{"format": …, …}``), from the per-layer
+    tensors or the ``_quantization_metadata`` header. ``wanted`` limits which layers are read and (``check``)
+    refused when their format is unknown."""
+    out: dict[str, dict] = {}
     meta = files.metadata.get("_quantization_metadata")
     if meta:
         try:
-            for layer, conf in json.loads(meta).get("layers", {}).items():
-                out[layer] = conf.get("format")
-        except (ValueError, AttributeError):
+            out.update({layer: dict(conf) for layer, conf in json.loads(meta).get("layers", {}).items()})
+        except (ValueError, AttributeError, TypeError):
             raise ZImageError(f"{files.path}: unreadable _quantization_metadata in the file header.") from None
     for k in files.keys():
         if k.endswith(".comfy_quant") and (wanted is None or k[: -len(".comfy_quant")] in wanted):
             try:
-                conf = json.loads(files.get(k).numpy().tobytes())
+                out[k[: -len(".comfy_quant")]] = read_config(files.get(k))
             except ValueError:
                 raise ZImageError(f"{files.path}: unreadable quantisation config {k}.") from None
-            out[k[: -len(".comfy_quant")]] = conf.get("format")
-    for layer, fmt in out.items():
-        if fmt not in FP8_FORMATS and (wanted is None or layer in wanted):
+    for layer, conf in out.items():
+        if check and conf.get("format") not in FORMAT_KEYS and (wanted is None or layer in wanted):
             raise ZImageError(
-                f"{files.path}: layer {layer} uses quantisation format {fmt!r}, which this pack does not run "
-                f"(supported: bf16/fp16/fp32 and {', '.join(FP8_FORMATS)}). Use a bf16 or fp8 file instead."
+                f"{files.path}: layer {layer} uses quantisation format {conf.get('format')!r}, which this pack does not "
+                f"run (supported: bf16/fp16/fp32 and ComfyUI's {', '.join(FORMAT_KEYS)}). Use a bf16 or fp8 file instead."
             )
     return out
+
+
+def layer_formats(files, wanted: set[str] | None = None) -> dict[str, str]:
+    """Layer → quantisation format name (see ``layer_configs``)."""
+    return {layer: conf.get("format") for layer, conf in layer_configs(files, wanted).items()}
+
+
+@dataclass(frozen=True)
+class ComfyFormat:
+    """A ComfyUI block/integer format as a ``packed.Format``: the layer's stored tensors (keyed by weight-key
+    suffix, see quant_formats.FORMAT_KEYS) expand to the dense weight; padding is cut to the weight's shape and an
+    AWQ ``pre_quant_scale`` (ComfyUI multiplies the input by it) is folded into the columns."""
+
+    name: str
+    config: str  # the layer's comfy_quant JSON (a string keeps the format hashable)
+
+    @property
+    def rowwise(self) -> bool:  # int8 and ConvRot W4A4 keep only per-row (or scalar) data
+        return self.name in ("int8_tensorwise", "convrot_w4a4")
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        w = dequantize(self.name, tensors, json.loads(self.config), dtype)[: shape[0], : shape[1]]
+        pre = tensors.get("pre_quant_scale")
+        return w if pre is None else w * pre.to(device=w.device, dtype=dtype)
+
+
+class QuantizedView:
+    """A ``WeightFiles`` in which every layer stored in one of ComfyUI's packed formats (mxfp8, nvfp4, int8,
+    ConvRot, W4A8) reads as one ``<layer>.weight`` key: its dense shape, and a ``Packed`` of all its tensors.
+    Their scale and config keys disappear from ``keys()``; fp8 layers and plain tensors pass through."""
+
+    def __init__(self, files, configs: dict[str, dict]):
+        self.files = files
+        self.packed = {layer: conf for layer, conf in configs.items()
+                       if conf.get("format") in PACKED_FORMATS and layer + ".weight" in files}
+        self.parts = {layer + ".weight": [layer + ".weight" + s for s in FORMAT_KEYS[c["format"]] if layer + ".weight" + s in files]
+                      + [layer + "." + e for e in EXTRA_KEYS if layer + "." + e in files] for layer, c in self.packed.items()}
+        self.hidden = {k for ks in self.parts.values() for k in ks[1:]} | {layer + ".comfy_quant" for layer in self.packed}
+
+    def __getattr__(self, name):  # path, metadata, config()
+        return getattr(self.files, name)
+
+    def keys(self) -> list[str]:
+        return [k for k in self.files.keys() if k not in self.hidden]
+
+    def __contains__(self, key: str) -> bool:
+        return key not in self.hidden and key in self.files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        conf = self.packed.get(key[: -len(".weight")])
+        return logical_shape(conf["format"], self.files.shape(key)) if conf else self.files.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.files.dtype(key)
+
+    def get(self, key: str):
+        conf = self.packed.get(key[: -len(".weight")])
+        if conf is None:
+            return self.files.get(key)
+        tensors = {(k[len(key):] if k.startswith(key) else k.rsplit(".", 1)[1]): self.files.get(k) for k in self.parts[key]}
+        fmt = ComfyFormat(conf["format"], json.dumps(conf, sort_keys=True))
+        return Packed(fmt, self.shape(key), tensors)
+
+    def release(self, key: str) -> None:
+        for k in self.parts.get(key, [key]):
+            self.files.release(k)
+
+
+def comfy_quantized(files, wanted: set[str] | None = None):
+    """``files`` seen through ``QuantizedView`` when it holds packed ComfyUI layers, else as it is."""
+    configs = layer_configs(files, wanted, check=False)  # unknown formats are refused by the loader, for the layers it reads
+    return QuantizedView(files, configs) if any(c.get("format") in PACKED_FORMATS for c in configs.values()) else files
 
 
 def scale_key(files, weight_key: str) -> str | None:
@@ -60,11 +136,11 @@ def scale_key(files, weight_key: str) -> str | None:
     return None
 
 
-def read_weight(files, key: str, formats: dict[str, str]) -> torch.Tensor:
-    """The stored weight, with a uint8 fp8 container viewed as its fp8 type."""
+def read_weight(files, key: str, formats: dict[str, str]) -> torch.Tensor | Packed:
+    """The stored weight, with a uint8 fp8 container viewed as its fp8 type (packed formats come as ``Packed``)."""
     w = files.get(key)
     fmt = formats.get(key[: -len(".weight")])
-    if fmt and w.dtype == torch.uint8:
+    if fmt in FP8_FORMATS and w.dtype == torch.uint8:
         w = w.view(FP8_FORMATS[fmt])
     return w
 

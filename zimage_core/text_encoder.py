@@ -21,7 +21,7 @@ from .detect import describe, strip_prefix
 from .errors import ZImageError
 from .layers import Embedding, Linear, RMSNorm
 from .loader import Source, fill_module
-from .quant import layer_formats, scale_key
+from .quant import comfy_quantized, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .templates import TEMPLATE
 from .tokenizer import PAD_ID, PromptTokenizer, find_tokenizer_dir
@@ -225,7 +225,7 @@ def load_text_encoder(
     ``dtype`` is the compute dtype (default: the file's, bf16 for fp8 files). The tokenizer is found as
     ``find_tokenizer_dir`` describes. ``expect_hidden`` (e.g. 2560) refuses encoders of another size.
     """
-    files = open_weights(path, subfolder="text_encoder")
+    files = comfy_quantized(open_weights(path, subfolder="text_encoder"))
     cfg, plan, prefix = text_encoder_plan(files)
     check_hidden_size(cfg, files.path, expect_hidden)
     wanted = {src_key[: -len(".weight")] for src in plan.values() for src_key in src.keys}

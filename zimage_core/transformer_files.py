@@ -15,7 +15,7 @@ from .errors import ZImageError
 from .layouts import WRAPPER_PREFIXES, internal_name, split_qkv
 from .loader import Source, fill_module, storage_dtype_for
 from .packed import Packed, stack_rows
-from .quant import IGNORED_SUFFIXES, layer_formats, scale_key
+from .quant import IGNORED_SUFFIXES, comfy_quantized, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .transformer import ZImageConfig, ZImageTransformer
 
@@ -92,7 +92,7 @@ def check_unexpected(files, unexpected: list[str], what: str) -> None:
 def read_transformer_header(path: str, dtype: torch.dtype | None):
     """Open a transformer file or folder and read everything the header tells: (files, plan, unexpected keys,
     layout, config, compute dtype). Refuses files that are not Z-Image, naming what they are."""
-    files = open_weights(path, subfolder="transformer")
+    files = comfy_quantized(open_weights(path, subfolder="transformer"))
     kind = describe(files.keys(), files.shape)
     if not kind.startswith("Z-Image"):
         raise ZImageError(
