@@ -209,3 +209,29 @@ def test_seed_noise_equals_comfyui_prepare_noise(tmp_path):
 
     assert torch.equal(torch.load(a), zc.comfy_noise((2, 16, 8, 8), 123))
     assert torch.equal(torch.load(b), zc.comfy_noise((2, 16, 4, 4), 7, [3, 1]))
+
+
+def test_comfyui_quantized_files_run_through_our_loaders(server, object_info, tmp_path):
+    """The Turbo workflow on a transformer and a Qwen3 encoder quantized per layer ("mixed": nvfp4, mxfp8, fp8, int8,
+    ConvRot, W4A8 and plain layers) by ComfyUI itself, placed in its models folders."""
+    import shutil
+
+    from test_quant_formats import quantize_file
+
+    models = os.path.join(server.base, "models")
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "te").mkdir()
+    dit, _, _ = quantize_file(os.path.join(models, "diffusion_models", "z_image_turbo_bf16.safetensors"), tmp_path / "dit",
+                              skip="pad_token")
+    te, _, _ = quantize_file(os.path.join(models, "text_encoders", "qwen_3_4b.safetensors"), tmp_path / "te",
+                             force={"model.embed_tokens": ["int8_tensorwise", "TensorWiseINT8Layout", {}]})
+    shutil.copy(dit, os.path.join(models, "diffusion_models", "z_image_turbo_mixed.safetensors"))
+    shutil.copy(te, os.path.join(models, "text_encoders", "qwen_3_4b_fp4_mixed.safetensors"))
+    prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    for node in prompt.values():
+        if node["class_type"] == "ZImageModelLoader":
+            node["inputs"]["model_name"] = "z_image_turbo_mixed.safetensors"
+        if node["class_type"] == "ZImageTextEncoderLoader":
+            node["inputs"]["text_encoder_name"] = "qwen_3_4b_fp4_mixed.safetensors"
+    imgs, _ = run(server, prompt, 3)
+    assert imgs and imgs[0].shape[:2] == (256, 256) and imgs[0].std() > 2

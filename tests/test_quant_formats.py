@@ -117,17 +117,17 @@ def test_nibbles_and_e8m0():
 
 # ---- whole models: tiny Z-Image and Qwen3 files quantized per layer ("mixed") by ComfyUI --------------------
 
-# (format, comfy layout, quantize kwargs, eligible(N, K)) cycled over the eligible layers; None keeps a layer plain
+# (format, comfy layout, quantize kwargs, (N, K) must be multiples of) cycled over the eligible layers; None keeps
+# a layer plain
 MIXED = [
-    ("nvfp4", "TensorCoreNVFP4Layout", {}, lambda n, k: n % 16 == 0 and k % 16 == 0),
-    ("float8_e4m3fn", "TensorCoreFP8E4M3Layout", {"scale": "recalculate"}, lambda n, k: True),
-    ("mxfp8", "TensorCoreMXFP8Layout", {}, lambda n, k: n % 32 == 0 and k % 32 == 0),
-    (None, None, None, lambda n, k: True),
-    ("int8_tensorwise", "TensorWiseINT8Layout", {}, lambda n, k: True),
-    ("convrot_w4a4", "TensorCoreConvRotW4A4Layout", {"convrot_groupsize": 16}, lambda n, k: k % 64 == 0),
-    ("int8_tensorwise", "TensorWiseINT8Layout", {"per_channel": True, "convrot": True, "convrot_groupsize": 16},
-     lambda n, k: k % 16 == 0),
-    ("asym_w4a8_int8", "AsymW4A8Int8Layout", {"group_size": 16, "convrot_groupsize": 16}, lambda n, k: k % 16 == 0),
+    ("nvfp4", "TensorCoreNVFP4Layout", {}, (16, 16)),
+    ("float8_e4m3fn", "TensorCoreFP8E4M3Layout", {"scale": "recalculate"}, (1, 1)),
+    ("mxfp8", "TensorCoreMXFP8Layout", {}, (32, 32)),
+    (None, None, None, (1, 1)),
+    ("int8_tensorwise", "TensorWiseINT8Layout", {}, (1, 1)),
+    ("convrot_w4a4", "TensorCoreConvRotW4A4Layout", {"convrot_groupsize": 16}, (1, 64)),
+    ("int8_tensorwise", "TensorWiseINT8Layout", {"per_channel": True, "convrot": True, "convrot_groupsize": 16}, (1, 16)),
+    ("asym_w4a8_int8", "AsymW4A8Int8Layout", {"group_size": 16, "convrot_groupsize": 16}, (1, 16)),
 ]
 
 QUANTIZE_FILE = r"""
@@ -161,21 +161,21 @@ save_file(ref, out + "/dequantized.safetensors")
 """
 
 
-def quantize_file(src: str, tmp_path, skip=lambda k: False, force: dict | None = None) -> tuple[str, str, dict]:
-    """ComfyUI quantizes every eligible 2-D weight of ``src``, cycling through MIXED (``force``: layer → fixed
-    entry); returns (quantized file, file of ComfyUI's dequantized weights, layer → format)."""
+def quantize_file(src: str, tmp_path, skip: str | None = None, force: dict | None = None) -> tuple[str, str, dict]:
+    """ComfyUI quantizes every eligible 2-D weight of ``src`` (but those whose name holds ``skip``), cycling through
+    MIXED (``force``: layer → fixed entry); returns (quantized file, file of ComfyUI's dequantized weights, layer → format)."""
     from safetensors import safe_open
 
     plan, i = dict(force or {}), 0
     with safe_open(src, "pt") as f:
         for k in f.keys():
             shape = f.get_slice(k).get_shape()
-            if not k.endswith(".weight") or len(shape) != 2 or skip(k) or k[: -len(".weight")] in plan:
+            if not k.endswith(".weight") or len(shape) != 2 or (skip and skip in k) or k[: -len(".weight")] in plan:
                 continue
             for _ in range(len(MIXED)):
-                fmt, layout, kw, ok = MIXED[i % len(MIXED)]
+                fmt, layout, kw, (a, b) = MIXED[i % len(MIXED)]
                 i += 1
-                if ok(*shape):
+                if shape[0] % a == 0 and shape[1] % b == 0:
                     break
             if fmt:
                 plan[k[: -len(".weight")]] = [fmt, layout, kw]
@@ -190,15 +190,18 @@ def quantize_file(src: str, tmp_path, skip=lambda k: False, force: dict | None =
 @pytest.mark.comfyui
 @pytest.mark.skipif(COMFY is None, reason="no ComfyUI found (set COMFYUI_PATH)")
 def test_mixed_quantized_transformer_equals_dequantized_reference(tmp_path):
+    from comfy_harness import write_loras
     from tiny import diffusers_transformer, rel_err, save_comfyui
 
     import zimage_core as zc
+    from zimage_core.lora import apply_lora_specs
     from zimage_core.offload import module_bytes
     from zimage_core.packed import Packed
     from zimage_core.transformer_files import meta_transformer
 
-    src = save_comfyui(diffusers_transformer(seed=3), str(tmp_path / "z.safetensors"))
-    qpath, refpath, plan = quantize_file(src, tmp_path, skip=lambda k: "pad_token" in k)
+    dit = diffusers_transformer(seed=3)
+    src = save_comfyui(dit, str(tmp_path / "z.safetensors"))
+    qpath, refpath, plan = quantize_file(src, tmp_path, skip="pad_token")
     assert {p[0] for p in plan.values()} >= {"nvfp4", "mxfp8", "float8_e4m3fn", "int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8"}
     q, ref = zc.load_transformer(qpath, dtype=torch.float32), zc.load_transformer(refpath, dtype=torch.float32)
     packed = [n for n, m in q.named_modules() if isinstance(getattr(m, "weight", None), Packed)]
@@ -206,6 +209,13 @@ def test_mixed_quantized_transformer_equals_dequantized_reference(tmp_path):
     g = torch.Generator().manual_seed(0)
     x, caps = torch.randn(2, 16, 8, 8, generator=g), [torch.randn(7, 32, generator=g), torch.randn(12, 32, generator=g)]
     t = torch.tensor([0.3, 0.8])
+    with torch.inference_mode():
+        assert rel_err(q(x, t, caps), ref(x, t, caps)) <= 1e-6
+    write_loras(str(tmp_path / "loras"), dit)  # LoRA on packed weights: run-time patches, same result
+    lora = str(tmp_path / "loras" / "zimage_style_lora.safetensors")
+    apply_lora_specs(q, [f"{lora}:0.7"])
+    apply_lora_specs(ref, [f"{lora}:0.7"])
+    assert any(lin.patches for lin in q.modules() if isinstance(getattr(lin, "weight", None), Packed))
     with torch.inference_mode():
         assert rel_err(q(x, t, caps), ref(x, t, caps)) <= 1e-6
     meta = meta_transformer(qpath, dtype=torch.float32)  # offload planning from the header: the same packed bytes
