@@ -104,3 +104,24 @@ def test_fp8_linear_on_gpu_equals_its_scaled_operands():
     q, sa = sm.quantize_rows(x.reshape(-1, 512))
     assert rel(y.reshape(-1, 256), emulated(q, sa, w, ws.reshape(1))) < 8e-3
     assert rel(y, torch.nn.functional.linear(x.float(), w.float() * ws)) < 0.05
+
+
+def test_fp8_file_input_scale_reaches_the_linear(tmp_path):
+    """A ComfyUI fp8 layer with a calibrated ``input_scale`` (comfy/ops.py loads it for TensorCoreFP8 inputs)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from tiny import diffusers_transformer, save_comfyui
+
+    import zimage_core as zc
+
+    sd = load_file(save_comfyui(diffusers_transformer(seed=0), str(tmp_path / "z.safetensors")))
+    key = "layers.0.attention.out"
+    sd[key + ".weight"], sd[key + ".weight_scale"] = quantize_fp8(sd[key + ".weight"], torch.float8_e4m3fn)
+    sd[key + ".input_scale"] = torch.tensor(0.05)
+    sd[key + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+    save_file(sd, str(tmp_path / "fp8.safetensors"))
+    m = zc.load_transformer(str(tmp_path / "fp8.safetensors"), dtype=torch.bfloat16)
+    lin = m.layers[0].attention.out
+    assert lin.weight.dtype == torch.float8_e4m3fn and lin.input_scale.item() == torch.tensor(0.05).item()
+    assert m.layers[0].attention.qkv.input_scale is None

@@ -124,6 +124,9 @@ def fill_module(
             else:
                 t = t.to(target)
             owner.weight_scale = None if scale is None else scale.to(device)
+            inp = src.keys[0][: -len(".weight")] + ".input_scale"  # ComfyUI's calibrated fp8 activation scale
+            if hasattr(owner, "input_scale") and len(src.keys) == 1 and t.dtype in FP8_DTYPES and inp in files:
+                owner.input_scale = files.get(inp).float().reshape(()).to(device)
         else:
             t = t.to(torch.float32) * scale if scale is not None else t
             t = t.to(compute_dtype)
