@@ -14,6 +14,7 @@ ComfyUI files come in three fp8 flavours (see ComfyUI ``comfy/utils.py: convert_
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -74,8 +75,12 @@ class ComfyFormat:
     def rowwise(self) -> bool:  # int8 and ConvRot W4A4 keep only per-row (or scalar) data
         return self.name in ("int8_tensorwise", "convrot_w4a4")
 
+    @functools.cached_property
+    def conf(self) -> dict:
+        return json.loads(self.config)
+
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        w = dequantize(self.name, tensors, json.loads(self.config), dtype)[: shape[0], : shape[1]]
+        w = dequantize(self.name, tensors, self.conf, dtype)[: shape[0], : shape[1]]
         pre = tensors.get("pre_quant_scale")
         return w if pre is None else w * pre.to(device=w.device, dtype=dtype)
 
