@@ -48,6 +48,20 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def timed(ctx, f, repeats: int = 5) -> float:
+    """Median seconds of ``f()`` after one warm-up call, synchronised around each call."""
+    with torch.inference_mode():
+        f()
+        ts = []
+        for _ in range(repeats):
+            ctx.sync()
+            t0 = time.perf_counter()
+            f()
+            ctx.sync()
+            ts.append(time.perf_counter() - t0)
+    return median(ts)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
@@ -208,29 +222,17 @@ def section_backends(ctx, model):
     f = lambda: model(ctx.x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
     out = {"available": available_backends()}
 
-    def timed():
-        with torch.inference_mode():
-            f()
-            ts = []
-            for _ in range(5):
-                ctx.sync()
-                t0 = time.perf_counter()
-                f()
-                ctx.sync()
-                ts.append(time.perf_counter() - t0)
-        return median(ts)
-
     for name in out["available"]:
         model.set_attention_backend(name)
         try:
-            out[name] = timed()
+            out[name] = timed(ctx, f)
         except Exception as e:  # noqa: BLE001
             out[name] = f"failed: {type(e).__name__}: {e}"
     model.set_attention_backend("sdpa")
     for k in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         try:
             with sdpa_kernel(getattr(SDPBackend, k)):
-                out[f"sdpa[{k.lower()}]"] = timed()
+                out[f"sdpa[{k.lower()}]"] = timed(ctx, f)
         except Exception as e:  # noqa: BLE001
             out[f"sdpa[{k.lower()}]"] = f"unavailable: {type(e).__name__}"
     R["attention_forward_s"] = out
@@ -324,20 +326,8 @@ def section_text_encoder(ctx, a):
         p.data = (torch.ones_like(p) if "norm" in n else torch.randn_like(p, dtype=torch.float32) * 0.02).to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab, (1, a.tokens), device=ctx.dev)
 
-    def timed(f):
-        with torch.inference_mode():
-            f()
-            ts = []
-            for _ in range(5):
-                ctx.sync()
-                t0 = time.perf_counter()
-                f()
-                ctx.sync()
-                ts.append(time.perf_counter() - t0)
-        return median(ts)
-
     ctx.reset_peak()
-    out = {"ours_s": timed(lambda: te(ids)), "ours_peak_gb": ctx.peak_gb(), "tokens": a.tokens}
+    out = {"ours_s": timed(ctx, lambda: te(ids)), "ours_peak_gb": ctx.peak_gb(), "tokens": a.tokens}
     te = None  # noqa: F841
     gc.collect()
     try:
@@ -351,7 +341,7 @@ def section_text_encoder(ctx, a):
             ref = Qwen3Model(hf).to(torch.bfloat16).eval()
         ctx.reset_peak()
         # as diffusers' ZImagePipeline.encode_prompt: every layer, hidden_states[-2]
-        out["transformers_s"] = timed(lambda: ref(input_ids=ids, output_hidden_states=True).hidden_states[-2])
+        out["transformers_s"] = timed(ctx, lambda: ref(input_ids=ids, output_hidden_states=True).hidden_states[-2])
         out["transformers_peak_gb"] = ctx.peak_gb()
         out["ours_over_transformers"] = out["ours_s"] / out["transformers_s"]
         ref = None  # noqa: F841
