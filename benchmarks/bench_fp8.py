@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import types
 
 import torch
@@ -30,6 +29,8 @@ import torch
 _pkg = types.ModuleType("zimage_core")
 _pkg.__path__ = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zimage_core")]
 sys.modules.setdefault("zimage_core", _pkg)
+
+from timing import timed  # noqa: E402
 
 from zimage_core.layers import Linear  # noqa: E402
 from zimage_core.quant import quantize_fp8  # noqa: E402
@@ -67,20 +68,6 @@ def as_dtype(model: ZImageTransformer, dtype: torch.dtype) -> ZImageTransformer:
             p.data = p.data.to(dtype)
     out.compute_dtype = dtype
     return out
-
-
-def timed(fns: dict, repeats: int, sync) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[repeats // 2] for k, v in times.items()}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

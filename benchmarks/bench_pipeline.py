@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench_transformer import MODERATE, timed_pair  # noqa: E402
+from bench_transformer import MODERATE  # noqa: E402
+from timing import timed_pair  # noqa: E402
 from tiny import TINY_VAE, diffusers_transformer, randomize_, save_bfl_vae, save_comfyui, save_qwen_comfyui  # noqa: E402
 
 import zimage_core as zc  # noqa: E402

@@ -24,8 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench_transformer import timed_pair  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from timing import timed_pair  # noqa: E402
 from tiny import randomize_  # noqa: E402
 
 import zimage_core as zc  # noqa: E402

@@ -22,34 +22,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from timing import timed  # noqa: E402
 from tiny import diffusers_transformer, save_comfyui, save_diffusers_folder  # noqa: E402
 
 import zimage_core as zc  # noqa: E402
 
 MODERATE = dict(dim=1024, n_layers=4, n_refiner_layers=2, n_heads=8, n_kv_heads=8, cap_feat_dim=2560, axes_dims=[32, 48, 48])
 LARGE = dict(dim=1536, n_layers=14, n_refiner_layers=2, n_heads=12, n_kv_heads=12, cap_feat_dim=2560, axes_dims=[32, 48, 48])
-
-
-def timed(fns: dict, repeats, sync) -> dict:
-    """Median seconds of each function, run in turn (so drift in machine load hits all alike)."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[repeats // 2] for k, v in ts.items()}
 
 
 def native_nextdit(ours, dtype, device):
