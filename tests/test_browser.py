@@ -28,24 +28,30 @@ except ImportError:
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, tmp_path_factory):
+def pw():
+    """One Playwright per module: its sync API runs an event loop, so a second one could not start beside it."""
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(pw, comfy_server, tmp_path_factory):
     os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
-                                                    headless=True, args=FLAGS, viewport={"width": 1600, "height": 1000})
-        pg = ctx.new_page()
-        pg.zimage_console = []
-        pg.on("console", lambda m: pg.zimage_console.append((m.type, m.text, (m.location or {}).get("url", ""))))
-        pg.on("pageerror", lambda e: pg.zimage_console.append(("pageerror", str(e), "")))
-        pg.goto(comfy_server.url, wait_until="domcontentloaded")
-        pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && window.comfyAPI", timeout=120_000)
-        pg.wait_for_function("() => window.app.extensionManager && window.app.extensions?.some?.(e => e.name === 'zimage.nodes')"
-                             " || (window.app.extensions || []).some(e => e.name === 'zimage.nodes')", timeout=60_000)
-        pg.keyboard.press("Escape")
-        version = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || window.comfyAPI?.app?.app?.ui?.settings?.version || null")
-        print(f"frontend version: {version or frontend_version()}")
-        yield pg
-        ctx.close()
+    ctx = pw.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
+                                                headless=True, args=FLAGS, viewport={"width": 1600, "height": 1000})
+    pg = ctx.new_page()
+    pg.zimage_console = []
+    pg.on("console", lambda m: pg.zimage_console.append((m.type, m.text, (m.location or {}).get("url", ""))))
+    pg.on("pageerror", lambda e: pg.zimage_console.append(("pageerror", str(e), "")))
+    pg.goto(comfy_server.url, wait_until="domcontentloaded")
+    pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && window.comfyAPI", timeout=120_000)
+    pg.wait_for_function("() => window.app.extensionManager && window.app.extensions?.some?.(e => e.name === 'zimage.nodes')"
+                         " || (window.app.extensions || []).some(e => e.name === 'zimage.nodes')", timeout=60_000)
+    pg.keyboard.press("Escape")
+    version = pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || window.comfyAPI?.app?.app?.ui?.settings?.version || null")
+    print(f"frontend version: {version or frontend_version()}")
+    yield pg
+    ctx.close()
 
 
 def frontend_version() -> str:
@@ -169,3 +175,59 @@ def test_extension_fails_soft_without_routes(page):
     finally:
         page.unroute("**/zimage/plan")
     assert time.time() > 0 and our_errors(page) == []
+
+
+@pytest.fixture(scope="module")
+def empty_comfy(tmp_path_factory):
+    """A second ComfyUI whose models folder is empty: what a new user has when opening a template."""
+    from comfy_harness import ComfyServer, comfyui_python
+
+    base = str(tmp_path_factory.mktemp("comfy_empty"))
+    os.makedirs(os.path.join(base, "models"))
+    srv = ComfyServer(comfyui_path(), comfyui_python(comfyui_path()), base)
+    yield srv
+    srv.stop()
+
+
+def test_missing_models_offer_the_template_downloads(pw, empty_comfy, tmp_path):
+    """A template opened in a ComfyUI without the files: the frontend's error panel lists them as missing models, each
+    with a Download button that opens the link the template carries (properties.models). huggingface.co is not
+    reached: the requests the buttons make are recorded and refused."""
+    wf = json.load(open(os.path.join(WORKFLOWS, "z_image_turbo_text_to_image.json"), encoding="utf-8"))
+    want = sorted(m["url"] for n in wf["nodes"] for m in n["properties"].get("models", []))
+    opened = []
+
+    def hub(route):
+        if route.request.method == "GET":
+            opened.append(route.request.url)
+        route.abort()
+
+    ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+                                                args=FLAGS, viewport={"width": 1600, "height": 1000})
+    ctx.route("https://huggingface.co/**", hub)
+    pg = ctx.new_page()
+    pg.goto(empty_comfy.url, wait_until="domcontentloaded")
+    pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+    pg.keyboard.press("Escape")
+    pg.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'z_image_turbo_text_to_image'); }", [wf])
+    see = pg.locator('[data-testid="error-overlay-see-errors"]')  # "3 errors found" → View details
+    see.wait_for(timeout=60_000)
+    for _ in range(20):  # a fresh profile may open a welcome/templates dialog over it
+        if not pg.locator('[data-testid="dialog-overlay"]').is_visible():
+            break
+        pg.keyboard.press("Escape")
+        pg.wait_for_timeout(500)
+    see.click()
+    buttons = pg.locator('[data-testid="missing-model-download"]')
+    buttons.first.wait_for(timeout=60_000)
+    pg.screenshot(path=os.path.join(ARTIFACTS, "missing_models.png"))
+    labels = sorted(buttons.nth(i).get_attribute("aria-label") for i in range(buttons.count()))
+    for i in range(buttons.count()):
+        buttons.nth(i).click()
+    t0 = time.time()
+    while len(opened) < len(want) and time.time() - t0 < 30:
+        pg.wait_for_timeout(200)
+    ctx.close()
+    assert len(labels) == 3 and all(any(n in lab for lab in labels) for n in
+                                    ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors")), labels
+    assert sorted(set(opened)) == want
