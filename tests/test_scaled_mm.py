@@ -1,12 +1,15 @@
 """fp8 compute's scale bookkeeping (zimage_core/scaled_mm.py), on the CPU: what the tensor cores are given must
 reconstruct the bf16 product. The GPU speed and error are measured by benchmarks/bench_fp8.py."""
 
+import copy
+
 import pytest
 import torch
 
 from zimage_core import scaled_mm as sm
-from zimage_core.layers import Linear
+from zimage_core.layers import Linear, SwiGLU
 from zimage_core.quant import quantize_fp8
+from zimage_core.transformer import ZImageConfig, ZImageTransformer
 
 
 def emulated(q, sa, w, sb):
@@ -76,23 +79,62 @@ def test_fp8_linear_equals_scaled_operands_and_tracks_bf16(mode):
     assert rel(y, dequant) < (0.3 if mode == "static" else 0.05)  # static scale 0.2 clips the big rows
 
 
+def fp8_weight(m: Linear, g: torch.Generator) -> None:
+    w, s = quantize_fp8(torch.randn(m.out_features, m.in_features, generator=g) / m.in_features**0.5, torch.float8_e4m3fn)
+    m.weight, m.weight_scale = torch.nn.Parameter(w, requires_grad=False), s
+
+
 def test_linear_uses_fp8_only_where_switched():
-    lin = Linear(64, 32, bias=False)
+    ff = SwiGLU(64, 32)
     g = torch.Generator().manual_seed(2)
-    w, s = quantize_fp8(torch.randn(32, 64, generator=g), torch.float8_e4m3fn)
-    lin.weight, lin.weight_scale = torch.nn.Parameter(w, requires_grad=False), s
-    other = Linear(64, 32, bias=False)
-    other.weight = torch.nn.Parameter(torch.randn(32, 64, generator=g).to(torch.bfloat16), requires_grad=False)
-    model = torch.nn.ModuleList([lin, other])
+    fp8_weight(ff.w1, g)
+    fp8_weight(ff.w2, g)
+    ff.w3.weight = torch.nn.Parameter(torch.randn(32, 64, generator=g).to(torch.bfloat16), requires_grad=False)
+    lone = Linear(64, 32, bias=False)  # not a block matmul: never switched
+    fp8_weight(lone, g)
+    model = torch.nn.ModuleList([ff, lone])
+    lin = ff.w1
     x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
     dequant = torch.nn.functional.linear(x, lin.compute_weight(torch.bfloat16))
     assert torch.equal(lin(x), dequant)
-    assert sm.set_fp8_matmul(model, True) == 1 and lin.fp8_matmul and not other.fp8_matmul
+    assert sm.set_fp8_matmul(model, True) == 2 and lin.fp8_matmul and ff.w2.fp8_matmul
+    assert not ff.w3.fp8_matmul and not lone.fp8_matmul
     if _cpu_scaled_mm():
-        assert torch.equal(lin(x), sm.fp8_linear(x, w, s)) and not torch.equal(lin(x), dequant)
+        assert torch.equal(lin(x), sm.fp8_linear(x, lin.weight, lin.weight_scale)) and not torch.equal(lin(x), dequant)
     assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float(), lin.compute_weight(torch.float32)))  # fp32: no fp8
     assert sm.set_fp8_matmul(model, False) == 0 and not lin.fp8_matmul
     assert not sm.device_supports_fp8("cpu")
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch build has no CPU fp8 _scaled_mm")
+def test_fp8_compute_runs_the_block_matmuls_only_and_is_closer_for_it():
+    """Only attention qkv/out and the feed-forward switch (5 per block); the embedders, time MLP, adaLN and final
+    layer stay dequantized, which keeps the output nearer fp32 than fp8 activations everywhere."""
+    cfg = ZImageConfig(dim=256, n_layers=2, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=672, cap_feat_dim=64)
+    model = ZImageTransformer(cfg, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else 0.1 * torch.randn(p.shape, generator=g))
+    lins = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in lins:
+        fp8_weight(m, g)
+    x, t, cap = torch.randn(1, 16, 16, 16, generator=g), torch.tensor([0.6]), [torch.randn(20, 64, generator=g)]
+    with torch.inference_mode():
+        ref = copy.deepcopy(model)  # the same weights, dequantized, in fp32
+        for m in ref.modules():
+            if isinstance(m, Linear):
+                m.weight, m.weight_scale = torch.nn.Parameter(m.compute_weight(torch.float32), requires_grad=False), None
+        ref.to(torch.float32).compute_dtype = torch.float32
+        truth = ref(x, t, cap)
+        blocks = 2 + 1 + 1
+        assert sm.set_fp8_matmul(model, True) == 5 * blocks
+        assert not any(m.fp8_matmul for m in (model.x_embedder, model.final_layer.linear))
+        ours = rel(model(x, t, cap).float(), truth)
+        for m in lins:
+            m.fp8_matmul = True
+        everywhere = rel(model(x, t, cap).float(), truth)
+    assert ours < 0.8 * everywhere, (ours, everywhere)
 
 
 @pytest.mark.skipif(not sm.device_supports_fp8("cuda"), reason="needs a CUDA GPU with fp8 tensor cores (compute capability ≥ 8.9)")

@@ -116,6 +116,8 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x): the feed-forward of both Z-Image and Qwen3 (gate=w1, up=w3, down=w2)."""
 
+    token_gemms = ("w1", "w2", "w3")  # what fp8 compute may run (scaled_mm.set_fp8_matmul)
+
     def __init__(self, dim: int, hidden: int, device=None):
         super().__init__()
         self.w1 = Linear(dim, hidden, bias=False, device=device)

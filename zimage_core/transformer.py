@@ -107,6 +107,8 @@ class ZImageConfig:
 
 
 class Attention(nn.Module):
+    token_gemms = ("qkv", "out")  # what fp8 compute may run (scaled_mm.set_fp8_matmul)
+
     def __init__(self, dim: int, head_dim: int, eps: float, device=None):
         super().__init__()
         self.n_heads, self.head_dim = dim // head_dim, head_dim
