@@ -58,7 +58,8 @@ class QwenAttention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.eps)
         self.k_norm = RMSNorm(hd, cfg.eps)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """``cache`` (the enhancer's KV cache) prepends earlier keys/values; a single new token attends to all."""
         b, s, _ = x.shape
         c, hd = self.cfg, self.cfg.head_dim
         q, k, v = self.qkv_proj(x).split([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd], dim=-1)
@@ -66,7 +67,9 @@ class QwenAttention(nn.Module):
         k = self.k_norm(k.view(b, s, -1, hd)).transpose(1, 2)
         v = v.view(b, s, -1, hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        o = attention(q, k, v, None, self.backend, causal=True)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        o = attention(q, k, v, None, self.backend, causal=s == k.shape[2])
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -95,8 +98,8 @@ class QwenLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -189,16 +192,23 @@ def text_encoder_plan(files) -> tuple[Qwen3Config, dict[str, Source], str]:
     )
     plan: dict[str, Source] = {"embed_tokens.weight": Source([prefix + "embed_tokens.weight"], [scale_key(files, prefix + "embed_tokens.weight")])}
     for i in range(cfg.n_layers):
-        for suffix in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-                       "input_layernorm.weight", "post_attention_layernorm.weight"):
-            k = f"{prefix}layers.{i}.{suffix}"
-            if k in files:
-                plan[f"layers.{i}.{suffix}"] = Source([k], [scale_key(files, k) if "proj" in suffix else None])
-        for fused, parts in _FUSED.items():
-            ks = [f"{prefix}layers.{i}.{p}" for p in parts]
-            if all(k in files for k in ks):
-                plan[f"layers.{i}.{fused}"] = Source(ks, [scale_key(files, k) for k in ks])
+        plan.update(layer_plan(files, prefix, i, f"layers.{i}."))
     return cfg, plan, prefix
+
+
+def layer_plan(files, prefix: str, i: int, into: str) -> dict[str, Source]:
+    """Sources of the file's decoder layer ``i`` as ``QwenLayer`` parameters named ``into + name`` (q/k/v, gate/up fused)."""
+    plan = {}
+    for suffix in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+                   "input_layernorm.weight", "post_attention_layernorm.weight"):
+        k = f"{prefix}layers.{i}.{suffix}"
+        if k in files:
+            plan[into + suffix] = Source([k], [scale_key(files, k) if "proj" in suffix else None])
+    for fused, parts in _FUSED.items():
+        ks = [f"{prefix}layers.{i}.{p}" for p in parts]
+        if all(k in files for k in ks):
+            plan[into + fused] = Source(ks, [scale_key(files, k) for k in ks])
+    return plan
 
 
 def check_hidden_size(cfg: Qwen3Config, path: str, expected: int | None) -> None:
