@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import zimage_core as zc
+from zimage_core import variety
 from zimage_core.images import crop_box
 from zimage_core.sampler import CondEntry
 from zimage_core.templates import assemble_segments
@@ -40,6 +41,18 @@ PRESET_CHOICES = ["turbo", "base", "custom"]
 def conditioning_from_embeds(embeds: list[torch.Tensor]) -> list:
     """One CONDITIONING entry per prompt: [1×L×D tensor on the CPU, {"pooled_output": None}] (core-node compatible)."""
     return [[e[None].float().cpu() if e.dtype == torch.float64 else e[None].cpu(), {"pooled_output": None}] for e in embeds]
+
+
+def vary_conditioning(cond: list, seed: int, strength: float, fraction: float, batch: int = 1) -> list:
+    """Seed variety on CONDITIONING: each entry becomes a noisy copy for the first ``fraction`` of the schedule and
+    the clean entry after, as ComfyUI timestep ranges (so KSampler and every other sampler honour it too). With
+    ``batch`` > 1 a one-row prompt is repeated first, so every image of the batch gets its own variation."""
+    if strength == 0 or fraction <= 0:
+        return cond
+    rows = [t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 < batch else t for t, _ in cond]
+    parts = variety.vary([(t, float(d.get("start_percent", 0.0)), float(d.get("end_percent", 1.0))) for t, (_, d) in zip(rows, cond)],
+                         seed, strength, fraction)
+    return [[x, {**cond[i][1], "start_percent": a, "end_percent": b}] for i, x, a, b in parts]
 
 
 def entries_from_conditioning(cond: list, what: str = "positive") -> list[CondEntry]:
@@ -221,6 +234,8 @@ class SamplerSettings:
     denoise: float = 1.0
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
+    variety: float = 0.0
+    variety_fraction: float = 0.3
 
 
 def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> tuple[int, float, float]:
@@ -266,7 +281,7 @@ def prepare_sampling(model, positive: list, negative: list | None, latent: dict,
     inpainting) and CONDITIONING → the job, checked against ``model``."""
     raw, empty = latent_samples(latent)
     b, _, h, w = raw.shape
-    pos = entries_from_conditioning(positive, "positive")
+    pos = entries_from_conditioning(vary_conditioning(positive, s.seed, s.variety, s.variety_fraction, b), "positive")
     check_features(pos, model.cfg.cap_feat_dim, "positive")
     neg = None
     if s.cfg > 1.0:

@@ -13,6 +13,7 @@ from comfy_api.latest import io
 import zimage_core as zc
 from zimage_core.offload import activation_bytes
 
+from .conditioning import FRACTION_TOOLTIP, VARIETY_TOOLTIP
 from .controlnet import controls_of
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
 from .routes import confirmed_plan
@@ -65,6 +66,9 @@ class ZImageSampler(io.ComfyNode):
                 io.Float.Input("cfg_truncation", default=1.0, min=0.0, max=1.0, step=0.01, advanced=True,
                                tooltip="Stops guidance once the model time passes this value (1 = never; e.g. 0.9 saves the "
                                        "last unconditional passes)."),
+                io.Float.Input("variety", default=0.0, min=0.0, max=4.0, step=0.05, tooltip=VARIETY_TOOLTIP),
+                io.Float.Input("variety_fraction", default=0.3, min=0.0, max=1.0, step=0.05, advanced=True,
+                               tooltip=FRACTION_TOOLTIP),
             ],
             outputs=[io.Latent.Output(tooltip="Denoised latent in VAE space: decode it with the core VAE Decode node.")],
             hidden=[io.Hidden.unique_id],
@@ -72,9 +76,9 @@ class ZImageSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent_image, seed, preset, steps, cfg, shift, denoise, negative=None,
-                cfg_normalization=0.0, cfg_truncation=1.0) -> io.NodeOutput:
+                cfg_normalization=0.0, cfg_truncation=1.0, variety=0.0, variety_fraction=0.3) -> io.NodeOutput:
         steps, cfg, shift = resolve_preset(preset, steps, cfg, shift)
-        settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation)
+        settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation, variety, variety_fraction)
         dit = model.module
         job = prepare_sampling(dit, positive, negative, latent_image, settings)
         job.control = controls_of(model)

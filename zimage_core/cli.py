@@ -1,5 +1,5 @@
-"""``python -m zimage_core generate …`` — the standalone pipeline; ``download`` fetches the weights; ``info FILE`` tells
-what a weight file is."""
+"""``python -m zimage_core generate …`` — the standalone pipeline; ``download`` fetches the weights; ``enhance``
+rewrites a prompt with the text encoder's Qwen3-4B; ``info FILE`` tells what a weight file is."""
 
 from __future__ import annotations
 
@@ -69,6 +69,29 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--vae-tile", type=int, default=None, help="exact tiled VAE encode/decode with tiles of this many pixels (low memory, no seams)")
+    g.add_argument("--enhance", action="store_true", help="rewrite the prompt into a detailed caption first (see 'enhance')")
+    g.add_argument("--variety", type=float, default=0.0,
+                   help="seed variety: noise on the prompt for the first steps, relative to each token (0 = off; 0.3-0.6 for Turbo)")
+    g.add_argument("--variety-fraction", type=float, default=0.3, help="part of the schedule that sees the varied prompt")
+    e = sub.add_parser("enhance", help="rewrite a short prompt into a detailed Z-Image caption with the Qwen3-4B text encoder")
+    e.add_argument("--prompt", "-p", required=True)
+    e.add_argument("--text-encoder", help="qwen_3_4b*.safetensors or an HF folder (default: from --models/--hf)")
+    e.add_argument("--models", help="a ComfyUI models/ folder")
+    e.add_argument("--hf", help="an HF-layout Z-Image folder")
+    e.add_argument("--tokenizer", help="folder with the Qwen tokenizer files")
+    e.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    e.add_argument("--fp8", action="store_true", help="store the weights in fp8")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--offload", choices=["auto", "budget", "resident", "min_vram"], default="auto")
+    e.add_argument("--vram-budget", type=float, default=None)
+    for p_ in (g, e):
+        p_.add_argument("--temperature", type=float, default=0.7, help="enhancer sampling temperature (0 = greedy)")
+        p_.add_argument("--top-p", type=float, default=0.8)
+        p_.add_argument("--top-k", type=int, default=20)
+        p_.add_argument("--max-tokens", type=int, default=400, help="longest enhanced caption in tokens")
+        p_.add_argument("--system-prompt", default=None, help="enhancer instructions (default: ours for Z-Image; '' = none)")
+        p_.add_argument("--enhance-seed", type=int, default=None, help="seed of the enhancer's sampling (default: --seed)")
+    e.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("download", help="fetch the weights from Hugging Face into a ComfyUI models folder")
     d.add_argument("model", nargs="?", choices=["turbo", "base"], default="turbo")
     d.add_argument("--format", default="bf16",
@@ -152,6 +175,7 @@ def generate(a) -> list[str]:
         prompt=a.prompt, negative_prompt=a.negative_prompt, width=width or 1024, height=height or 1024, steps=a.steps,
         cfg=a.cfg, shift=a.shift, seed=a.seed, batch_size=a.batch_size, preset=a.preset,
         strength=a.strength if init is not None else 1.0, cfg_normalization=a.cfg_normalization, cfg_truncation=a.cfg_truncation,
+        variety=a.variety, variety_fraction=a.variety_fraction,
     )
     t0 = time.perf_counter()
     with tqdm(total=3, desc="loading", unit="model", disable=None) as bar:
@@ -168,6 +192,13 @@ def generate(a) -> list[str]:
     if a.compile:
         pipe.transformer.compile_blocks()
     load_s = time.perf_counter() - t0
+    if a.enhance:
+        from .enhancer import load_chat
+
+        chat = load_chat(pipe.text_encoder)
+        with pipe.on_device(chat):
+            settings.prompt = _enhance(chat, a)
+        print(settings.prompt, file=sys.stderr)
     bar = tqdm(desc="sampling", unit="step", disable=None)
 
     def on_step(st):
@@ -213,6 +244,44 @@ def _weights(a):
                           "this command.") from None
 
 
+def _enhance(chat, a) -> str:
+    from tqdm import tqdm
+
+    from .enhancer import SYSTEM_PROMPT, enhance
+
+    bar = tqdm(total=a.max_tokens, desc="enhancing", unit="token", disable=None)
+    text = enhance(chat, a.prompt, system=SYSTEM_PROMPT if a.system_prompt is None else a.system_prompt or None,
+                   max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                   seed=a.seed if a.enhance_seed is None else a.enhance_seed, callback=lambda n, total, _: bar.update(n - bar.n))
+    bar.close()
+    return text
+
+
+def enhance_command(a) -> str:
+    """Load only the text encoder (+ its last layer and head), run it on --device under the offload plan, print the caption."""
+    from .download import command, default_models_dir
+    from .enhancer import load_chat
+    from .offload import offload
+    from .pipeline import find_text_encoder
+    from .text_encoder import load_text_encoder
+
+    models = a.models or (None if (a.hf or a.text_encoder) else default_models_dir())
+    path = a.text_encoder or a.hf or (find_text_encoder(models) if models else None)
+    if not path:
+        raise ZImageError(f"Could not find the Qwen3-4B text encoder in {models}. To fetch it (with the rest of Z-Image) run\n"
+                          f"  {command('turbo', models)}\nor pass --text-encoder FILE.")
+    te = load_text_encoder(path, dtype=DTYPES[a.dtype], tokenizer=a.tokenizer, storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
+    chat = load_chat(te)
+    streamer = None if a.device == "cpu" else offload(chat, mode=a.offload, budget_gb=a.vram_budget, device=a.device)
+    try:
+        text = _enhance(chat, a)
+    finally:
+        if streamer is not None:
+            streamer.detach()
+    print(text)
+    return text
+
+
 def info(path: str) -> None:
     from .detect import describe
     from .safetensors_io import open_weights
@@ -246,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = download(a.model, a.format, a.to, a.hf)
             print("\n".join(["ready:", *paths] + ([f"use it with: --hf {os.path.commonpath(paths)}"]
                                                    if a.hf else [])))
+        elif a.command == "enhance":
+            enhance_command(a)
         else:
             info(a.path)
     except ZImageError as e:

@@ -24,6 +24,7 @@ from .schedule import PRESETS, sigmas, start_index
 from .templates import TEMPLATE_PROMPT, assemble_segments, reference_segments
 from .text_encoder import load_text_encoder
 from .transformer_files import load_transformer
+from .variety import vary
 
 log = logging.getLogger("zimage")
 
@@ -51,6 +52,12 @@ def _pick(folder: str, patterns: list[str]) -> str | None:
     return None
 
 
+def find_text_encoder(models: str) -> str | None:
+    return _pick(os.path.join(models, "text_encoders"), ["qwen_3_4b.safetensors", "qwen_3_4b*.safetensors", "*qwen3*4b*.safetensors"]) \
+        or _pick(os.path.join(models, "clip"), ["qwen_3_4b*.safetensors"]) \
+        or _pick(os.path.join(models, "text_encoders"), ["*qwen3*4b*.gguf"]) or _pick(os.path.join(models, "clip"), ["*qwen3*4b*.gguf"])
+
+
 def find_weights(models: str | None = None, hf: str | None = None, transformer: str | None = None,
                  text_encoder: str | None = None, vae: str | None = None, tokenizer: str | None = None) -> WeightPaths:
     """Explicit paths win; then an HF model folder; then a ComfyUI ``models/`` folder; else say what to download."""
@@ -62,9 +69,7 @@ def find_weights(models: str | None = None, hf: str | None = None, transformer: 
         transformer = transformer or _pick(os.path.join(models, "diffusion_models"), ["z_image_turbo*.safetensors", "z_image*.safetensors", "*z_image*.safetensors"]) \
             or _pick(os.path.join(models, "unet"), ["*z_image*.safetensors"]) \
             or _pick(os.path.join(models, "diffusion_models"), ["*z_image*.gguf"]) or _pick(os.path.join(models, "unet"), ["*z_image*.gguf"])
-        text_encoder = text_encoder or _pick(os.path.join(models, "text_encoders"), ["qwen_3_4b.safetensors", "qwen_3_4b*.safetensors", "*qwen3*4b*.safetensors"]) \
-            or _pick(os.path.join(models, "clip"), ["qwen_3_4b*.safetensors"]) \
-            or _pick(os.path.join(models, "text_encoders"), ["*qwen3*4b*.gguf"]) or _pick(os.path.join(models, "clip"), ["*qwen3*4b*.gguf"])
+        text_encoder = text_encoder or find_text_encoder(models)
         vae = vae or _pick(os.path.join(models, "vae"), ["ae.safetensors", "*flux*ae*.safetensors", "*z_image*vae*.safetensors"])
     missing = [n for n, p in (("transformer", transformer), ("text encoder", text_encoder), ("VAE", vae)) if not p]
     if missing:
@@ -89,6 +94,8 @@ class GenerationSettings:
     strength: float = 1.0
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
+    variety: float = 0.0  # seed variety (see variety.py): noise on the prompt for the first variety_fraction of the schedule
+    variety_fraction: float = 0.3
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> GenerationSettings:
@@ -288,6 +295,9 @@ class ZImagePipeline:
         else:  # positive and negative in one text-encoder pass
             caps = self.encode_prompts([s.prompt, s.negative_prompt] if use_cfg else [s.prompt])
             pos, neg = caps[:1], caps[1:] if use_cfg else None
+            if s.variety and s.variety_fraction > 0:  # one variation per image of the batch
+                parts = vary([(caps[0].expand(s.batch_size, -1, -1), 0.0, 1.0)], s.seed, s.variety, s.variety_fraction)
+                pos = [CondEntry(list(x.unbind(0)), start=a, end=b) for _, x, a, b in parts]
         ctl = self.encode_controls(controls, s.width, s.height, vae_tile) if controls else []
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
         with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg), \
