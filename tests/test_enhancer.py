@@ -266,3 +266,14 @@ def test_node_in_real_comfyui_feeds_text_encode(comfy_server, tokenizer_dir):
     path = os.path.join(comfy_server.base, "models", "text_encoders", "qwen_3_4b.safetensors")
     chat = en.load_chat(zc.load_text_encoder(path, dtype=torch.float32, tokenizer=tokenizer_dir))
     assert text == en.enhance(chat, "a red fox", max_tokens=12, temperature=0.0)
+
+
+def test_cli_enhance_prints_the_caption(tied, tokenizer_dir, capsys):
+    from zimage_core import cli
+
+    _, path = tied
+    args = ["enhance", "-p", "a red fox", "--text-encoder", path, "--tokenizer", tokenizer_dir, "--dtype", "fp32",
+            "--device", "cpu", "--temperature", "0.9", "--max-tokens", "10", "--seed", "4"]
+    assert cli.main(args) == 0
+    chat = en.load_chat(zc.load_text_encoder(path, dtype=torch.float32, tokenizer=tokenizer_dir))
+    assert capsys.readouterr().out.strip() == en.enhance(chat, "a red fox", max_tokens=10, temperature=0.9, seed=4)

@@ -101,7 +101,7 @@ def test_variety_spreads_the_seeds(model):
     assert torch.equal(run(c, 3, 1.0), run(c, 3, 1.0))  # the same seed stays reproducible
 
 
-def test_pipeline_variety_matches_the_node(model, monkeypatch):
+def test_pipeline_variety_matches_the_node(model):
     """The standalone pipeline's --variety is the same perturbation as the sampler node's."""
     cap = prompt()
     s, lat = turbo(2, 0.7, batch=2)

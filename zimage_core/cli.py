@@ -252,7 +252,7 @@ def _enhance(chat, a) -> str:
     bar = tqdm(total=a.max_tokens, desc="enhancing", unit="token", disable=None)
     text = enhance(chat, a.prompt, system=SYSTEM_PROMPT if a.system_prompt is None else a.system_prompt or None,
                    max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                   seed=a.seed if a.enhance_seed is None else a.enhance_seed, callback=lambda n, total, _: bar.update(n - bar.n))
+                   seed=a.seed if a.enhance_seed is None else a.enhance_seed, callback=lambda n, _total, _text: bar.update(n - bar.n))
     bar.close()
     return text
 

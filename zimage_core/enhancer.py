@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import PLAIN, Executor
 from .errors import ZImageError, ZImageInterrupted
 from .layers import FP8_DTYPES, Linear, RMSNorm
 from .loader import Source, fill_module
@@ -59,11 +60,11 @@ class Qwen3Chat(nn.Module):
         super().__init__()
         self.encoder, self.last, self.norm, self.lm_head = encoder, last, norm, lm_head
         self.cfg, self.compute_dtype, self.tokenizer = encoder.cfg, encoder.compute_dtype, encoder.tokenizer
-        self.run_block = lambda block, *args: block(*args)  # replaced by the offload executor
+        self.executor: Executor = PLAIN  # owned by the offload streamer while it is attached (blocks.py)
 
     @property
     def device(self) -> torch.device:
-        return self.__dict__.get("compute_device") or self.last.input_layernorm.weight.device
+        return self.executor.device or self.last.input_layernorm.weight.device
 
     def blocks(self) -> list[QwenLayer]:
         return [*self.encoder.layers, self.last]
@@ -76,13 +77,17 @@ class Qwen3Chat(nn.Module):
         c = self.cfg
         return [KVCache((batch, c.n_kv_heads, length, c.head_dim), self.compute_dtype, self.device) for _ in self.blocks()]
 
-    def forward(self, ids: torch.Tensor, cache: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Token ids B×S at the cache's next positions → fp32 logits B×vocab of the last position."""
+    def forward(self, ids: torch.Tensor, cache: list[KVCache], rope: tuple[torch.Tensor, torch.Tensor],
+                cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Token ids B×S at the cache's next positions → fp32 logits B×vocab of the last position.
+        ``cancel()`` returning True stops before the next layer with ``ZImageInterrupted``."""
         dev, start = self.device, cache[0].n
         h = self.encoder.embed_tokens(ids.to(dev), self.compute_dtype).to(dev)
         cos, sin = (r[start : start + ids.shape[1]] for r in rope)
         for block, c in zip(self.blocks(), cache):
-            h = self.run_block(block, h, cos, sin, c)
+            if cancel is not None and cancel():
+                raise ZImageInterrupted("prompt enhancement was interrupted")
+            h = self.executor.run(block, block, h, cos, sin, c)
         h = self.norm(h[:, -1])
         head = self.lm_head if self.lm_head is not None else self.encoder.embed_tokens
         w = head.weight.to(h.dtype)
@@ -150,30 +155,20 @@ def generate(chat: Qwen3Chat, ids: list[int], *, max_tokens: int = 512, temperat
     gen = torch.Generator().manual_seed(int(seed))
     cache = chat.new_cache(1, len(ids) + max_tokens)
     rope = chat.encoder.rope(len(ids) + max_tokens, chat.device)
-
-    def check():
-        if cancel is not None and cancel():
-            raise ZImageInterrupted("prompt enhancement was interrupted")
-
-    inner = chat.run_block
-    chat.run_block = lambda blk, *a: (check(), inner(blk, *a))[1]
     out: list[int] = []
-    try:
-        step = torch.tensor([ids], dtype=torch.long)
-        for _ in range(max_tokens):
-            logits = chat(step, cache, rope)[0]
-            if temperature > 0:
-                tok = int(torch.multinomial(warp(logits, temperature, top_k, top_p).cpu(), 1, generator=gen))
-            else:
-                tok = int(logits.argmax())
-            out.append(tok)
-            if callback is not None:
-                callback(out)
-            if tok in stop:
-                break
-            step = torch.tensor([[tok]], dtype=torch.long)
-    finally:
-        chat.run_block = inner
+    step = torch.tensor([ids], dtype=torch.long)
+    for _ in range(max_tokens):
+        logits = chat(step, cache, rope, cancel)[0]
+        if temperature > 0:
+            tok = int(torch.multinomial(warp(logits, temperature, top_k, top_p).cpu(), 1, generator=gen))
+        else:
+            tok = int(logits.argmax())
+        out.append(tok)
+        if callback is not None:
+            callback(out)
+        if tok in stop:
+            break
+        step = torch.tensor([[tok]], dtype=torch.long)
     return out
 
 
