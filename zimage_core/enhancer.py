@@ -89,11 +89,11 @@ class Qwen3Chat(nn.Module):
                 raise ZImageInterrupted("prompt enhancement was interrupted")
             h = self.executor.run(block, block, h, cos, sin, c)
         h = self.norm(h[:, -1])
-        head = self.lm_head if self.lm_head is not None else self.encoder.embed_tokens
-        w = head.weight.to(h.dtype)
-        if head.weight_scale is not None:
-            w = w * head.weight_scale.to(device=w.device, dtype=h.dtype)
-        return F.linear(h, w).float()
+        if self.lm_head is not None:
+            return self.lm_head(h).float()
+        emb = self.encoder.embed_tokens  # tied: the embedding table is the output projection
+        w = emb.weight.to(h.dtype)
+        return F.linear(h, w if emb.weight_scale is None else w * emb.weight_scale.to(device=w.device, dtype=h.dtype)).float()
 
 
 def load_chat(encoder: Qwen3PromptEncoder, path: str | None = None) -> Qwen3Chat:
