@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-gb", type=float, default=None)
-    ap.add_argument("--tokenizer", default=os.path.join(HERE, "..", "..", "shared", "qwen_tokenizer"))
+    ap.add_argument("--tokenizer", default=None, help="default: the Qwen tokenizer bundled with zimage_core")
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
