@@ -79,10 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--models", help="a ComfyUI models/ folder")
     e.add_argument("--hf", help="an HF-layout Z-Image folder")
     e.add_argument("--tokenizer", help="folder with the Qwen tokenizer files")
-    e.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    e.add_argument("--dtype", choices=list(COMPUTE_DTYPES), default="bf16")
     e.add_argument("--fp8", action="store_true", help="store the weights in fp8")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    e.add_argument("--offload", choices=["auto", "budget", "resident", "min_vram"], default="auto")
+    e.add_argument("--offload", choices=MODES, default="auto")
     e.add_argument("--vram-budget", type=float, default=None)
     for p_ in (g, e):
         p_.add_argument("--temperature", type=float, default=0.7, help="enhancer sampling temperature (0 = greedy)")
@@ -270,7 +270,7 @@ def enhance_command(a) -> str:
     if not path:
         raise ZImageError(f"Could not find the Qwen3-4B text encoder in {models}. To fetch it (with the rest of Z-Image) run\n"
                           f"  {command('turbo', models)}\nor pass --text-encoder FILE.")
-    te = load_text_encoder(path, dtype=DTYPES[a.dtype], tokenizer=a.tokenizer, storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
+    te = load_text_encoder(path, dtype=COMPUTE_DTYPES[a.dtype], tokenizer=a.tokenizer, storage_dtype=torch.float8_e4m3fn if a.fp8 else None)
     chat = load_chat(te)
     streamer = None if a.device == "cpu" else offload(chat, mode=a.offload, budget_gb=a.vram_budget, device=a.device)
     try:
