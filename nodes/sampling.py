@@ -66,8 +66,8 @@ class ZImageSampler(io.ComfyNode):
                 io.Float.Input("cfg_truncation", default=1.0, min=0.0, max=1.0, step=0.01, advanced=True,
                                tooltip="Stops guidance once the model time passes this value (1 = never; e.g. 0.9 saves the "
                                        "last unconditional passes)."),
-                io.Float.Input("variety", default=0.0, min=0.0, max=4.0, step=0.05, tooltip=VARIETY_TOOLTIP),
-                io.Float.Input("variety_fraction", default=0.3, min=0.0, max=1.0, step=0.05, advanced=True,
+                io.Float.Input("variety", default=0.0, min=0.0, max=4.0, step=0.05, optional=True, tooltip=VARIETY_TOOLTIP),
+                io.Float.Input("variety_fraction", default=0.3, min=0.0, max=1.0, step=0.05, optional=True, advanced=True,
                                tooltip=FRACTION_TOOLTIP),
             ],
             outputs=[io.Latent.Output(tooltip="Denoised latent in VAE space: decode it with the core VAE Decode node.")],
