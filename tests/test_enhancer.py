@@ -254,18 +254,18 @@ def test_node_in_real_comfyui_feeds_text_encode(comfy_server, tokenizer_dir):
         if n["class_type"] == "ZImageEmptyLatent":
             n["inputs"].update(resolution="custom", width=128, height=128)
     prompt["90"] = {"class_type": "ZImagePromptEnhancer", "inputs": {
-        "text_encoder": loader, "prompt": "a red fox", "seed": 0, "temperature": 0.0, "max_tokens": 12}}
+        "text_encoder": loader, "prompt": "a red fox", "seed": 0, "temperature": 0.0, "max_tokens": 16}}
     prompt["91"] = {"class_type": "PreviewAny", "inputs": {"source": ["90", 0]}}
     prompt[enc]["inputs"]["prompt"] = ["90", 0]
     msgs, _ = comfy_server.run_with_messages(prompt)
     assert msgs[-1]["type"] == "execution_success", msgs[-1]
-    assert [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == "90"][-1] <= 12
+    assert [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == "90"][-1] <= 16
     entry = comfy_server.get(f"/history/{msgs[-1]['data']['prompt_id']}")[msgs[-1]["data"]["prompt_id"]]
     text = entry["outputs"]["91"]["text"][0]
     assert comfy_server.images(entry)[0].shape[:2] == (128, 128)
     path = os.path.join(comfy_server.base, "models", "text_encoders", "qwen_3_4b.safetensors")
     chat = en.load_chat(zc.load_text_encoder(path, dtype=torch.float32, tokenizer=tokenizer_dir))
-    assert text == en.enhance(chat, "a red fox", max_tokens=12, temperature=0.0)
+    assert text == en.enhance(chat, "a red fox", max_tokens=16, temperature=0.0)
 
 
 def test_cli_enhance_prints_the_caption(tied, tokenizer_dir, capsys):
