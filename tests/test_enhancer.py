@@ -97,6 +97,38 @@ def test_untied_head_and_hf_names(hf_tokenizer, tokenizer_dir, tmp_path):
     assert en.generate(chat, ids, max_tokens=12) == hf_generate(ref, ids, 12)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_greedy_equals_transformers_on_the_expanded_weights(hf_tokenizer, tokenizer_dir, tmp_path, tied):
+    """A Qwen3 GGUF named and typed as llama.cpp's convert_hf_to_gguf.py + llama-quantize write it (tests/tiny_gguf.py:
+    gguf's GGUFWriter, mixed Q8_0/Q4_0/Q5_1/IQ4_NL/Q4_1/Q5_0 blocks, token_embd quantised too). A tied file has no
+    output.weight; llama.cpp then reads token_embd as the output (ggml-org/llama.cpp src/llama-model.cpp,
+    TENSOR_DUPLICATED). Truth: transformers on the blocks expanded by gguf-py's own dequantize, in float64."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+    from safetensors.torch import load_file
+    from tiny_gguf import save_qwen_gguf
+
+    from zimage_core.packed import Packed
+
+    path, truth = str(tmp_path / "Qwen3-4B-Q4_K_M.gguf"), str(tmp_path / "truth.safetensors")
+    parts = (("self_attn.q_proj", QT.Q8_0), ("self_attn.k_proj", QT.Q8_0), ("self_attn.v_proj", QT.Q8_0),
+             ("self_attn.o_proj", QT.Q5_0), ("mlp.gate_proj", QT.Q4_0), ("mlp.up_proj", QT.Q4_0))  # down: 48 columns, F16
+    save_qwen_gguf(causal_lm(2, torch.float32, tied=tied), path, truth, parts=parts)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"output_norm.weight", "blk.2.attn_q.weight", "blk.2.ffn_down.weight"} <= names and ("output.weight" in names) != tied
+    chat = ours(path, tokenizer_dir)
+    last = chat.last  # read on first use, kept packed
+    assert all(isinstance(m.weight, Packed) for m in (last.self_attn.qkv_proj, last.self_attn.o_proj, last.mlp.gate_up_proj))
+    assert isinstance(chat.encoder.embed_tokens.weight, Packed) and (chat.lm_head is None) == tied
+    assert tied or isinstance(chat.lm_head.weight, Packed)
+    ref = causal_lm(2, tied=tied)
+    missing, unexpected = ref.load_state_dict(load_file(truth), strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if tied else [])  # tied: the head is embed_tokens
+    for p in PROMPTS[:2]:
+        _, ids = template_ids(hf_tokenizer, p, False, None)
+        assert en.generate(chat, ids, max_tokens=12) == hf_generate(ref, ids, 12)
+
+
 def test_seeded_sampling_equals_transformers(tied, hf_tokenizer, tokenizer_dir):
     """Same warpers, same CPU generator stream: transformers' do_sample after torch.manual_seed(s) picks the same tokens."""
     ref, path = tied

@@ -241,3 +241,12 @@ def test_mixed_quantized_text_encoder_equals_dequantized_reference(tmp_path, tok
     prompts = ["a red fox asleep on a mossy stone", "ink drawing of a lighthouse in a storm, high contrast"]
     for a, b in zip(q.encode(prompts), ref.encode(prompts)):
         assert rel_err(a, b) <= 1e-6
+    # the prompt enhancer reads the last layer and the final norm through the same view; the tied head is the int8 table
+    from zimage_core.enhancer import generate, load_chat
+    from zimage_core.packed import Packed
+
+    chat_q, chat_ref = load_chat(q), load_chat(ref)
+    assert chat_q.lm_head is None and isinstance(chat_q.encoder.embed_tokens.weight, Packed)
+    assert any(isinstance(m.weight, Packed) for m in chat_q.last.modules() if hasattr(m, "weight_scale"))
+    ids = q.tokenizer.ids(prompts[0])
+    assert generate(chat_q, ids, max_tokens=8) == generate(chat_ref, ids, max_tokens=8)

@@ -92,11 +92,14 @@ def save_dit_gguf(model, path: str, truth_path: str, seed: int = 0) -> dict:
 
 
 def save_qwen_gguf(hf, path: str, truth_path: str, seed: int = 1, parts=()) -> dict:
-    """A transformers Qwen3Model as a GGUF with llama.cpp names (``parts``: (HF module suffix, type) forced per
-    layer), and its expanded weights as safetensors in ComfyUI's text-encoder layout."""
+    """A transformers Qwen3Model or Qwen3ForCausalLM as a GGUF with llama.cpp names (``parts``: (HF module suffix,
+    type) forced per layer), and its expanded weights as safetensors in ComfyUI's text-encoder layout. A tied head
+    is not written (tied HF checkpoints store none, so convert_hf_to_gguf.py writes no ``output.weight``)."""
     from safetensors.torch import save_file
 
-    sd = {"model." + k: v for k, v in hf.state_dict().items()}
+    sd = {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
     tensors, truth = quantise_state_dict(sd, seed, QWEN_TYPES)
     rng = np.random.default_rng(seed + 1)
     n = hf.config.num_hidden_layers

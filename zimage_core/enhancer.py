@@ -3,7 +3,9 @@
 Z-Image was trained on long, detailed captions; short prompts leave most of the picture to chance. The
 encoder holds the embedding and the first N−1 decoder layers; ``load_chat`` reads the rest of the causal
 LM (the last layer, the final norm and, for untied files, ``lm_head``) from the same file and shares the
-encoder's modules, so the enhancer costs one layer and a norm more. Generation is greedy or sampled (as
+encoder's modules, so the enhancer costs one layer and a norm more. The tail is stored like the encoder:
+bf16/fp16, fp8 (+ scale), ComfyUI's packed formats or GGUF blocks (llama.cpp names; a tied head is the
+embedding table, expanded per token like any packed ``Linear``). Generation is greedy or sampled (as
 transformers' temperature → top-k → top-p warpers, on a CPU generator so a seed means the same text on
 any device), with a KV cache, the chat template's thinking switch off, streaming and cancellation.
 """
@@ -21,7 +23,7 @@ from .blocks import PLAIN, Executor
 from .errors import ZImageError, ZImageInterrupted
 from .layers import FP8_DTYPES, Linear, RMSNorm
 from .loader import Source, fill_module
-from .quant import layer_formats, scale_key
+from .quant import comfy_quantized, layer_formats, scale_key
 from .safetensors_io import open_weights
 from .text_encoder import Qwen3PromptEncoder, QwenLayer, layer_plan, text_encoder_plan
 
@@ -91,14 +93,13 @@ class Qwen3Chat(nn.Module):
         h = self.norm(h[:, -1])
         if self.lm_head is not None:
             return self.lm_head(h).float()
-        emb = self.encoder.embed_tokens  # tied: the embedding table is the output projection
-        w = emb.weight.to(h.dtype)
-        return F.linear(h, w if emb.weight_scale is None else w * emb.weight_scale.to(device=w.device, dtype=h.dtype)).float()
+        # tied: the embedding table (any storage: float, fp8 + scale, packed GGUF blocks) is the output projection
+        return F.linear(h, self.encoder.embed_tokens.compute_weight(h.dtype)).float()
 
 
 def load_chat(encoder: Qwen3PromptEncoder, path: str | None = None) -> Qwen3Chat:
     """The full causal LM for ``encoder``: reads only the last layer, the final norm and ``lm_head`` (if untied)."""
-    files = open_weights(path or encoder.source_path, subfolder="text_encoder")
+    files = comfy_quantized(open_weights(path or encoder.source_path, subfolder="text_encoder"))
     cfg, _, prefix = text_encoder_plan(files)
     if cfg.n_layers != encoder.cfg.n_layers or cfg.hidden != encoder.cfg.hidden:
         raise ZImageError(f"{files.path} is not the file this text encoder was loaded from (its layers differ).")
@@ -112,7 +113,7 @@ def load_chat(encoder: Qwen3PromptEncoder, path: str | None = None) -> Qwen3Chat
     head_keys = [k for k in (prefix.removesuffix("model.") + "lm_head.weight", prefix + "lm_head.weight") if k in files]
     if head_keys:
         plan["lm_head.weight"] = Source(head_keys[:1], [scale_key(files, head_keys[0])])
-    stored = encoder.layers[0].mlp.down_proj.weight.dtype if len(encoder.layers) else None
+    stored = getattr(encoder.layers[0].mlp.down_proj.weight, "dtype", None) if len(encoder.layers) else None  # Packed: none
     with torch.device("meta"):
         tail = nn.ModuleDict({"last": QwenLayer(cfg), "norm": RMSNorm(cfg.hidden, cfg.eps)})
         if head_keys:

@@ -36,6 +36,17 @@ class StoredWeight(nn.Module):
         """Weight changes must stay run-time patches: re-quantising fp8 or packed storage would lose them."""
         return isinstance(self.weight, Packed) or self.weight.dtype in FP8_DTYPES
 
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole weight in ``dtype``: packed storage expanded, an fp8 scale applied."""
+        w = self.weight
+        if isinstance(w, Packed):
+            return w.dequantize(dtype)
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale.to(device=w.device, dtype=dtype)
+        return w
+
 
 class Linear(StoredWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
@@ -50,16 +61,6 @@ class Linear(StoredWeight):
         # fp8 compute (scaled_mm.py): e4m3 weight × e4m3 activations (tensor cores); input_scale from the file
         self.fp8_matmul = False
         self.input_scale: torch.Tensor | None = None
-
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.weight
-        if isinstance(w, Packed):
-            return w.dequantize(dtype)
-        if w.dtype != dtype:
-            w = w.to(dtype)
-        if self.weight_scale is not None:
-            w = w * self.weight_scale.to(device=w.device, dtype=dtype)
-        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.bias
