@@ -7,7 +7,8 @@ tokens) for exactly ``--tokens`` new tokens; the figures are new tokens per seco
 and the ratio ours / transformers. ``moderate`` is a Qwen3 with hidden 1024, 8 layers, 16/8 heads, MLP
 3072 and the real 151,936-token vocabulary (fits a CPU); ``4b`` is Qwen3-4B's own shape (36 layers,
 hidden 2560) with random weights, for a GPU. On CUDA a third row streams the layers under a VRAM budget
-(``--budget-gb``, default: half the weights) through our block streamer.
+(``--budget-gb``, default: half the weights) through our block streamer. ``--gguf Q8_0`` adds a row for
+the same weights quantised by gguf-py into a GGUF with llama.cpp's names (kept packed, expanded per call).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from bench_transformer import timed_pair  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from timing import timed_pair  # noqa: E402
 
 import zimage_core as zc  # noqa: E402
 from zimage_core import enhancer  # noqa: E402
@@ -48,6 +49,23 @@ def causal_lm(size: str, dtype, device):
     return m.eval()
 
 
+def save_gguf(model, path: str, qtype: str) -> str:
+    """The model's weights as llama.cpp's convert_hf_to_gguf.py + llama-quantize lay them out (tests/tiny_gguf.py):
+    2-D weights in ``qtype`` (quantised by gguf-py), norms in F32, no output.weight (tied)."""
+    import gguf
+    from tiny_gguf import write_gguf
+
+    qt, n = gguf.GGMLQuantizationType[qtype], model.config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        v = v.float().cpu().numpy()
+        tensors[names.get_name(k, try_suffixes=(".weight",))] = (gguf.quants.quantize(v, qt), qt) if v.ndim == 2 else (v, gguf.GGMLQuantizationType.F32)
+    return write_gguf(path, "qwen3", tensors, {"add_rope_freq_base": (1e6,), "add_layer_norm_rms_eps": (1e-6,), "add_block_count": (n,)})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -57,6 +75,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-gb", type=float, default=None)
     ap.add_argument("--tokenizer", default=None, help="default: the Qwen tokenizer bundled with zimage_core")
+    ap.add_argument("--gguf", default=None, help="also time a GGUF of the same weights in this type (e.g. Q8_0, Q4_0)")
     a = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -84,6 +103,14 @@ def main():
         print(f"transformers generate  {a.tokens / t_hf:8.1f} tokens/s ({t_hf * 1e3 / a.tokens:6.2f} ms/token)")
         print(f"ours, resident         {a.tokens / t_ours:8.1f} tokens/s ({t_ours * 1e3 / a.tokens:6.2f} ms/token)  "
               f"ratio ours/transformers speed {t_hf / t_ours:.2f}")
+        if a.gguf:
+            gpath = save_gguf(ref, os.path.join(d, f"Qwen3-{a.gguf}.gguf"), a.gguf)
+            chat_g = enhancer.load_chat(zc.load_text_encoder(gpath, dtype=dtype, device=a.device, tokenizer=a.tokenizer))
+            t_g, _ = timed_pair(lambda: enhancer.generate(chat_g, ids, max_tokens=a.tokens, stop=()), lambda: None, a.repeats, sync)
+            same = sum(x == y for x, y in zip(ours(), enhancer.generate(chat_g, ids, max_tokens=a.tokens, stop=())))
+            print(f"ours, GGUF {a.gguf:<10s}  {a.tokens / t_g:8.1f} tokens/s ({t_g * 1e3 / a.tokens:6.2f} ms/token)  "
+                  f"ratio to transformers {t_hf / t_g:.2f}; greedy tokens equal to ours dense: {same}/{a.tokens}")
+            del chat_g
         if a.device == "cuda":
             del ref
             chat = enhancer.load_chat(zc.load_text_encoder(path, dtype=dtype, device="cpu", tokenizer=a.tokenizer))
