@@ -13,6 +13,7 @@ from zimage_core import enhancer
 
 from .conditioning import ENCODE_ACTIVATIONS
 from .memory import Handle, ZImagePatcher
+from .routes import to_client
 from .types import ZImageTextEncoder
 
 _CHATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # encoder handle → (chat model, its patcher)
@@ -28,12 +29,7 @@ def chat_for(handle: Handle) -> tuple[enhancer.Qwen3Chat, ZImagePatcher]:
 
 
 def _show(text: str, node) -> None:
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_progress_text(text, node)
-    except Exception:  # the live text is a nicety; generation never fails for it
-        pass
+    to_client(lambda server: server.send_progress_text(text, node))
 
 
 class ZImagePromptEnhancer(io.ComfyNode):

@@ -30,6 +30,14 @@ async def info(_request):
     })
 
 
+def to_client(send) -> None:
+    """``send(PromptServer.instance)``: progress messages are a nicety, a node never fails for them."""
+    try:
+        send(PromptServer.instance)
+    except Exception:
+        pass
+
+
 def size(gb: float) -> str:
     return f"{gb:.2f} GB" if gb >= 0.995 else f"{gb * 1024:.1f} MB"
 

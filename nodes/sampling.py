@@ -16,17 +16,12 @@ from zimage_core.offload import activation_bytes
 from .conditioning import FRACTION_TOOLTIP, VARIETY_TOOLTIP
 from .controlnet import controls_of
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
-from .routes import confirmed_plan
+from .routes import confirmed_plan, to_client
 from .types import ZImageModel
 
 
 def _send(event: str, data: dict) -> None:
-    try:
-        from server import PromptServer
-
-        PromptServer.instance.send_sync(event, data, PromptServer.instance.client_id)
-    except Exception:  # messages are a nicety; sampling never fails for them
-        pass
+    to_client(lambda server: server.send_sync(event, data, server.client_id))
 
 
 class ZImageSampler(io.ComfyNode):
