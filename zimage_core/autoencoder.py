@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .detect import describe, strip_prefix
+from .detect import block_count, looks_like, strip_prefix
 from .errors import ZImageError
 from .loader import Source, fill_module
 from .safetensors_io import open_weights
@@ -243,28 +243,30 @@ def load_autoencoder(path: str, dtype: torch.dtype | None = None, device: torch.
     prefix = strip_prefix(keys, ("vae.", "first_stage_model.", "model."), "encoder.conv_in.weight")
     if prefix + "encoder.conv_in.weight" not in files or prefix + "decoder.conv_out.weight" not in files:
         raise ZImageError(
-            f"{files.path} looks like a {describe(keys, files.shape)}, not the FLUX autoencoder Z-Image uses. "
+            f"{files.path} {looks_like(keys, files.shape)}, not the FLUX autoencoder Z-Image uses. "
             "Choose ae.safetensors (black-forest-labs/FLUX.1-schnell, or Comfy-Org/z_image_turbo split_files/vae) "
             "in models/vae, or the vae/ folder of Tongyi-MAI/Z-Image-Turbo."
         )
     diffusers = any(k.startswith(prefix + "encoder.down_blocks.") for k in keys)
     bare = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-    levels = 1 + max(int(re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k).group(1)) for k in bare
-                     if re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))
+    levels = block_count(bare, r"encoder\.down(?:_blocks)?\.(\d+)\.", "encoder level", files.path, limit=16)
     names = {(_bfl_name(k, levels) if diffusers else k): prefix + k for k in bare}
     try:
         chs = [files.shape(names[f"encoder.down.{i}.block.0.conv1.weight"])[0] for i in range(levels)]
         dec_chs = [files.shape(names[f"decoder.up.{i}.block.0.conv1.weight"])[0] for i in range(levels)]
-        n_res = 1 + max(int(re.match(r"encoder\.down\.0\.block\.(\d+)\.", k).group(1)) for k in names if k.startswith("encoder.down.0.block."))
+        n_res = block_count(list(names), r"encoder\.down\.0\.block\.(\d+)\.", "encoder block", files.path, limit=16)
         z = files.shape(names["decoder.conv_in.weight"])[1]
         conf = files.config()  # a diffusers vae/ config; a stray config.json of something else is ignored
-        groups = int(conf.get("norm_num_groups", 32) if "latent_channels" in conf else 32)  # not in the weights; FLUX: 32
-    except (KeyError, ValueError) as e:
+        groups = int(files.config_number(conf, "norm_num_groups", 32) if "latent_channels" in conf else 32)  # FLUX: 32
+    except (KeyError, ValueError, IndexError) as e:
         raise ZImageError(f"{files.path}: incomplete autoencoder weights ({e}).") from None
     if z != 16:
         raise ZImageError(
             f"{files.path} is an autoencoder with {z} latent channels; Z-Image needs the 16-channel FLUX autoencoder (ae.safetensors)."
         )
+    if not chs or any(c % groups for c in chs + dec_chs):
+        raise ZImageError(f"{files.path}: channel counts {chs} do not divide into {groups} normalisation groups; "
+                          "the file is damaged or not the FLUX autoencoder.")
     file_dtype = files.dtype(names["decoder.conv_in.weight"])
     compute = dtype or (file_dtype if file_dtype.is_floating_point and file_dtype.itemsize >= 2 else torch.float32)
     with torch.device("meta"):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+
+from .errors import ZImageError
 
 
 def strip_prefix(keys: list[str], candidates: tuple[str, ...], anchor: str) -> str:
@@ -14,6 +17,36 @@ def strip_prefix(keys: list[str], candidates: tuple[str, ...], anchor: str) -> s
         if p + anchor in ks:
             return p
     return ""
+
+
+def with_article(name: str) -> str:
+    """'an SDXL UNet', 'an autoencoder', 'a FLUX.1 transformer': the article as the name is spoken."""
+    word = name.split()[0] if name.split() else name
+    spoken_vowel = word[:1].lower() in "aeiou" or re.match(r"(SD|S\d|HF|LDM|MMDiT|F\d|RGB|LLM)", word)
+    return ("an " if spoken_vowel else "a ") + name
+
+
+def looks_like(keys: list[str], shape: Callable[[str], tuple[int, ...]] | None = None) -> str:
+    """'looks like an SDXL UNet checkpoint', or what the names are when no family fits."""
+    kind = describe(keys, shape)
+    if kind == "unknown":
+        return f"holds tensors of no model family this pack recognises (e.g. {', '.join(sorted(keys)[:3]) or 'none at all'})"
+    return f"looks like {with_article(kind)}"
+
+
+def block_count(keys: list[str], pattern: str, what: str, path: str, limit: int = 1000) -> int:
+    """How many numbered blocks ``pattern`` (a regex with one index group) finds: indices must run 0..n-1 and stay
+    below ``limit``, so a crafted key can never make us build or loop over a billion blocks."""
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in keys if (m := rx.match(k)) and len(m.group(1)) <= 6}
+    if any(rx.match(k) and len(rx.match(k).group(1)) > 6 for k in keys) or (idx and max(idx) >= limit):
+        raise ZImageError(f"{path}: a {what} index in its tensor names is absurdly large (more than {limit} {what}s); "
+                          "the file is corrupt or crafted.")
+    if idx and len(idx) != max(idx) + 1:
+        gap = min(set(range(max(idx) + 1)) - idx)
+        raise ZImageError(f"{path}: {what} {gap} is missing (the file has {what}s up to {max(idx)}); the file is "
+                          "incomplete or a different variant.")
+    return len(idx)
 
 
 def _has(keys: set[str], *fragments: str) -> bool:

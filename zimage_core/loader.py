@@ -44,17 +44,28 @@ def storage_dtype_for(file_dtype: torch.dtype, compute: torch.dtype, requested: 
     return compute
 
 
+def _scale(files, key: str) -> torch.Tensor:
+    """A per-tensor fp8 scale: one finite positive number (other layouts are not ComfyUI's tensorwise fp8)."""
+    if files.nbytes(key) > 16 or len(files.shape(key)) > 1 or (files.shape(key) and files.shape(key)[0] != 1):
+        raise ZImageError(f"{files.path}: fp8 scale {key} has shape {list(files.shape(key))}; a per-tensor scale is one "
+                          "number. The file is corrupt or uses a quantisation this pack does not run.")
+    v = files.get(key).float().reshape(())
+    if not torch.isfinite(v) or v <= 0:
+        raise ZImageError(f"{files.path}: fp8 scale {key} is {float(v)}; the file's weights are broken. Download it again.")
+    return v
+
+
 def _gather(files, src: Source, formats) -> tuple[torch.Tensor | Packed, torch.Tensor | None]:
     parts = [read_weight(files, k, formats) if k.endswith(".weight") else files.get(k) for k in src.keys]
     scales = src.scales or [None] * len(parts)
     if all(s is None for s in scales):
         scale = None
     elif len(parts) == 1:
-        scale = files.get(scales[0]).float().reshape(())
+        scale = _scale(files, scales[0])
     else:  # e.g. separately scaled q, k, v fused into one qkv: a per-row scale keeps it exact
         rows = []
         for p, s in zip(parts, scales):
-            v = files.get(s).float().reshape(()) if s is not None else torch.ones(())
+            v = _scale(files, s) if s is not None else torch.ones(())
             rows.append(v.expand(p.shape[0]))
         scale = torch.cat(rows)[:, None]
     if len(parts) == 1:
@@ -126,14 +137,13 @@ def fill_module(
             owner.weight_scale = None if scale is None else scale.to(device)
             inp = src.keys[0][: -len(".weight")] + ".input_scale"  # ComfyUI's calibrated fp8 activation scale
             if hasattr(owner, "input_scale") and len(src.keys) == 1 and t.dtype in FP8_DTYPES and inp in files:
-                owner.input_scale = files.get(inp).float().reshape(()).to(device)
+                owner.input_scale = _scale(files, inp).to(device)
         else:
             t = t.to(torch.float32) * scale if scale is not None else t
             t = t.to(compute_dtype)
         t = t.to(device)
         setattr(owner, leaf, nn.Parameter(t, requires_grad=False))
         for k in src.keys:
-            if not isinstance(files.get(k), Packed) and t.data_ptr() != files.get(k).data_ptr():
-                files.release(k)
+            files.release(k)
         if on_tensor:
             on_tensor(name)

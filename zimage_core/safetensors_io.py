@@ -1,18 +1,21 @@
-"""Lazy, checked reading of safetensors files.
+"""Checked reading of safetensors files.
 
-We parse the header ourselves so that a truncated or corrupt file, or a pickle file in disguise, gets a
-message naming the file instead of a Rust panic, and we map the data copy-on-write so tensors are
-views of the page cache until something converts or modifies them (loading stays near the weights'
-own size). Nothing here ever unpickles.
+We parse and validate the whole header ourselves before any data is touched (as the official parser does,
+and more: every entry's types, shape bounds, offsets that overlap, repeat or leave gaps, duplicate names,
+metadata types, a bound on the parse work), so a truncated, corrupt or crafted file gets a message naming
+the file instead of a Rust panic, a hang or a silent misread. A pickle file in disguise is named, never
+unpickled. Tensors are read into memory the model owns (tensor by tensor, so loading peaks near the
+weights' own size): a file replaced or truncated on disk later cannot change or crash (SIGBUS) a loaded
+model, and a change during loading is detected from the file's identity (device, inode, size, mtime).
+``check_layout`` is the format-independent part (also for GGUF's tensor tables).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import math
 import os
 import struct
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -20,28 +23,31 @@ import torch
 from .errors import ZImageError
 from .tensor_index import TensorIndex
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,  # mxfp8 block scales (comfy-kitchen)
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype name → (bits per element, torch dtype or None when torch cannot hold it); the list of
+# huggingface/safetensors safetensors/src/tensor.rs `Dtype`
+_FORMAT = {
+    "BOOL": (8, torch.bool), "U8": (8, torch.uint8), "I8": (8, torch.int8), "F8_E5M2": (8, torch.float8_e5m2),
+    "F8_E4M3": (8, torch.float8_e4m3fn), "F8_E8M0": (8, getattr(torch, "float8_e8m0fnu", None)),
+    "I16": (16, torch.int16), "U16": (16, getattr(torch, "uint16", None)), "F16": (16, torch.float16),
+    "BF16": (16, torch.bfloat16), "I32": (32, torch.int32), "U32": (32, getattr(torch, "uint32", None)),
+    "F32": (32, torch.float32), "F64": (64, torch.float64), "I64": (64, torch.int64),
+    "U64": (64, getattr(torch, "uint64", None)), "C64": (64, torch.complex64),
+    "F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None),
 }
+DTYPES = {k: t for k, (_, t) in _FORMAT.items() if t is not None and k in (  # F8_E8M0: mxfp8 block scales (comfy-kitchen)
+    "F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "I64", "I32", "I16", "I8", "U8", "BOOL")}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # the official parser's limit (safetensors/src/tensor.rs MAX_HEADER_SIZE)
+MAX_VALUES = 2_000_000  # JSON separators in a header (~8 a tensor): bounds the parse time of a crafted header
+MAX_NDIM, MAX_DIM = 16, 2**48
 
 
 def _sniff_foreign(path: str, head: bytes) -> str | None:
-    """Name the format of a file that is not safetensors, if we recognise it."""
+    """Name the format of a file that is not safetensors, if we recognise it (only asked once the bytes
+    cannot be a safetensors header: a valid header length may begin with a pickle's opcode bytes)."""
+    if head[:4] == b"GGUF":
+        return "a GGUF file (quantised weights), not a safetensors file"
     if head[:4] == b"PK\x03\x04":
         return "a PyTorch zip/pickle checkpoint (torch.save); it is never unpickled here for safety"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -51,106 +57,190 @@ def _sniff_foreign(path: str, head: bytes) -> str | None:
     return None
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the name {dup!r} appears twice")
+    return d
+
+
+def _int(v) -> bool:
+    return type(v) is int  # not bool, not float
+
+
+def check_layout(path: str, entries: dict[str, tuple[int, list, list]], data_size: int, *, contiguous: bool = True) -> None:
+    """Validate a tensor table: name → (bits per element, shape, [begin, end]) within a data area of
+    ``data_size`` bytes. Shapes are bounded integers, each byte range matches its dtype × shape, ranges never
+    overlap and, with ``contiguous`` (safetensors), tile the data area exactly."""
+
+    def bad(name, why):
+        return ZImageError(f"{path}: tensor {name!r} {why}; the file is corrupt or was not written by a safetensors "
+                           "writer. Download it again.")
+
+    spans = []
+    for name, (bits, shape, offsets) in entries.items():
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_int(s) and 0 <= s <= MAX_DIM for s in shape):
+            raise bad(name, f"has an invalid shape {str(shape)[:80]}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(o) for o in offsets):
+            raise bad(name, f"has invalid data offsets {str(offsets)[:80]}")
+        begin, end = offsets
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbits = numel * bits
+        if nbits % 8 or not 0 <= begin <= end or end - begin != nbits // 8:
+            raise bad(name, f"claims bytes {begin}..{end} but shape {shape} needs {nbits / 8:g}")
+        spans.append((begin, end, name))
+    spans.sort()
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
+            raise bad(name, f"overlaps {prev!r} (bytes {begin}..{end})")
+        if contiguous and begin > pos:
+            raise bad(name, f"starts at byte {begin}, leaving a gap of {begin - pos} bytes after {prev!r}")
+        pos, prev = max(pos, end), name
+    if pos > data_size:
+        raise ZImageError(
+            f"{path} is truncated: {pos - data_size:,} bytes are missing at the end ({data_size:,} of {pos:,} data bytes "
+            "present). The download was probably interrupted; download the file again."
+        )
+    if contiguous and pos < data_size:
+        raise ZImageError(f"{path} has {data_size - pos:,} bytes after its last tensor that the header does not "
+                          "describe; the file is corrupt or was edited. Download it again.")
+
+
+def read_header(path: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...], int, int]], int, tuple]:
+    """(metadata, name → (dtype name, shape, begin, end), data start, file identity), all checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ZImageError(f"{path}: file not found.") from None
+    except IsADirectoryError:
+        raise ZImageError(f"{path} is a folder, not a .safetensors file.") from None
+    except OSError as e:
+        raise ZImageError(f"{path}: cannot be read ({e.strerror}).") from None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        head = os.pread(fd, 9, 0)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if not (len(head) == 9 and 2 <= n <= min(MAX_HEADER, size - 8) and head[8:9] == b"{"):
+            foreign = _sniff_foreign(path, head)
+            if foreign:
+                raise ZImageError(f"{path} is {foreign}. Convert it to .safetensors (or download the .safetensors "
+                                  "release) and load that instead.")
+            if len(head) < 8:
+                raise ZImageError(f"{path} is empty or truncated ({size} bytes): download it again.")
+            raise ZImageError(
+                f"{path} is not a valid safetensors file (header length {n} for a file of {size} bytes); "
+                "it is corrupt, truncated or another format. Download it again."
+            )
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    if len(raw) != n:
+        raise ZImageError(f"{path} changed while it was read; try again.")
+    values = raw.count(b",") + raw.count(b":")
+    if values > MAX_VALUES:
+        raise ZImageError(f"{path}: the safetensors header holds {values:,} values, far more than any model file "
+                          "(about 8 a tensor); the file is corrupt or crafted. Download it again.")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ZImageError(f"{path} has a corrupt safetensors header ({why}). Download it again.") from None
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ZImageError(f"{path}: the safetensors metadata must map names to text; this file's does not "
+                          "(corrupt or hand-edited). Download it again.")
+    table, entries = {}, {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str):
+            raise ZImageError(f"{path}: corrupt header entry for {name!r} (not a dtype/shape/data_offsets record).")
+        if e["dtype"] not in _FORMAT:
+            raise ZImageError(f"{path}: tensor {name!r} has storage type {e['dtype'][:20]!r}, which is not a "
+                              f"safetensors type (supported: {', '.join(DTYPES)}).")
+        table[name] = (_FORMAT[e["dtype"]][0], e.get("shape"), e.get("data_offsets"))
+    check_layout(path, table, size - 8 - n)
+    for name, e in header.items():
+        entries[name] = (e["dtype"], tuple(e["shape"]), *e["data_offsets"])
+    return meta, entries, 8 + n, _identity(st)
+
+
 class SafetensorsFile(TensorIndex):
-    """One safetensors file: header checked on open, tensors handed out as lazy views of a private mapping."""
+    """One safetensors file: header checked on open; each ``get`` reads one tensor into its own memory."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise ZImageError(f"{self.path}: file not found.")
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            foreign = _sniff_foreign(self.path, head)
-            if foreign:
-                raise ZImageError(
-                    f"{self.path} is {foreign}. Convert it to .safetensors (or download the .safetensors release) "
-                    "and load that instead."
-                )
-            if len(head) < 8:
-                raise ZImageError(f"{self.path} is empty or truncated ({size} bytes): download it again.")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > _MAX_HEADER or n > size - 8:
-                raise ZImageError(
-                    f"{self.path} is not a valid safetensors file (header length {n} for a file of {size} bytes); "
-                    "it is corrupt, truncated or another format. Download it again."
-                )
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ZImageError(f"{self.path} has a corrupt safetensors header ({e}). Download it again.") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for key, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except KeyError as err:
-                if isinstance(e, dict) and e.get("dtype") not in DTYPES:
-                    raise ZImageError(
-                        f"{self.path}: tensor {key!r} has storage type {e.get('dtype')!r}, which this loader does not "
-                        f"read (supported: {', '.join(DTYPES)})."
-                    ) from None
-                raise ZImageError(f"{self.path}: corrupt header entry for {key!r} ({err}).") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if end - begin != numel * dtype.itemsize or begin < 0:
-                raise ZImageError(
-                    f"{self.path}: tensor {key!r} claims {end - begin} bytes but shape {list(shape)} of {e['dtype']} "
-                    f"needs {numel * dtype.itemsize}; the file is corrupt. Download it again."
-                )
-            end_max = max(end_max, end)
-            self._entries[key] = (dtype, shape, begin, end)
-        if self._data_start + end_max > size:
-            missing = self._data_start + end_max - size
-            raise ZImageError(
-                f"{self.path} is truncated: {missing:,} bytes are missing at the end "
-                f"({size:,} of {self._data_start + end_max:,} bytes present). The download was probably interrupted; "
-                "download the file again."
-            )
-        self._mm: mmap.mmap | None = None
+        self.metadata, self._entries, self._data_start, self._identity = read_header(self.path)
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._entries[key][0]
+        if name not in DTYPES:
+            raise ZImageError(f"{self.path}: tensor {key!r} has storage type {name!r}, which this loader does not read "
+                              f"(supported: {', '.join(DTYPES)}).")
+        return DTYPES[name]
 
     def nbytes(self, key: str) -> int:
         _, _, b, e = self._entries[key]
         return e - b
 
     # -- data -------------------------------------------------------------------------------------
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self._mm
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            fd = -1
+        if fd < 0 or _identity(os.fstat(fd)) != self._identity:
+            if fd >= 0:
+                os.close(fd)
+            raise ZImageError(f"{self.path} was replaced, changed or removed on disk after it was opened; load it again.")
+        return fd
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor as a copy-on-write view of the file: no bytes are read until it is used."""
-        dtype, shape, begin, end = self._entries[key]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t = torch.frombuffer(self._map(), dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
-        return t.view(dtype).reshape(shape)
+        """The tensor, read into memory of its own (never a view of the file)."""
+        dtype = self.dtype(key)
+        _, shape, begin, end = self._entries[key]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            fd = self._open()
+            try:
+                view, pos = memoryview(out.numpy()), 0
+                while pos < len(view):
+                    got = os.preadv(fd, [view[pos:]], self._data_start + begin + pos)
+                    if got <= 0:
+                        raise ZImageError(f"{self.path} became shorter while it was read (truncated on disk); "
+                                          "download it again.")
+                    pos += got
+            finally:
+                os.close(fd)
+        return out.view(dtype).reshape(shape)
 
     def release(self, key: str) -> None:
-        """Drop the page-cache pages that only this tensor used, after it was converted into a copy."""
-        if self._mm is None or not hasattr(self._mm, "madvise"):
+        """Drop the page-cache pages of a tensor that was read and converted."""
+        if not hasattr(os, "posix_fadvise"):
             return
         _, _, begin, end = self._entries[key]
-        page = mmap.PAGESIZE
-        lo = -(-(self._data_start + begin) // page) * page
-        hi = (self._data_start + end) // page * page
-        if hi > lo:
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            except (OSError, ValueError, AttributeError):
-                pass
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, self._data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def open_file(path: str):
@@ -175,6 +265,9 @@ class WeightFiles:
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
             for k in f.keys():
+                if k in self._where:
+                    raise ZImageError(f"{self._where[k].path} and {f.path} both hold tensor {k!r}; the folder mixes "
+                                      "two downloads or versions. Keep one complete set of shards.")
                 self._where[k] = f
         if index:
             missing = sorted({os.path.basename(v) for k, v in index.items() if k not in self._where})
@@ -200,9 +293,20 @@ class WeightFiles:
         try:
             with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
                 conf = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return conf if isinstance(conf, dict) else {}
+
+    def config_number(self, conf: dict, key: str, default: float) -> float:
+        """A positive finite number from ``config()``, or ``default`` when absent; a wrong type is named."""
+        v = conf.get(key)
+        if v is None:
+            return default
+        if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+            folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+            raise ZImageError(f"{os.path.join(folder, 'config.json')}: {key} is {str(v)[:40]!r}, expected a positive "
+                              "number. Fix the value or remove config.json.")
+        return v
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -242,8 +346,12 @@ def open_weights(path: str, subfolder: str | None = None) -> WeightFiles:
             try:
                 with open(ipath, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ZImageError(f"{ipath}: unreadable shard index ({e}). Download it again.") from None
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()
+                ):
+                    raise ValueError("weight_map must map tensor names to shard file names in this folder")
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
+                raise ZImageError(f"{ipath}: unreadable shard index ({str(e)[:200]}). Download it again.") from None
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:

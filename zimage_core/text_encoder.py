@@ -17,7 +17,7 @@ from torch import nn
 
 from .attention import attention, resolve_backend
 from .blocks import PLAIN, Executor
-from .detect import describe, strip_prefix
+from .detect import block_count, looks_like, strip_prefix
 from .errors import ZImageError
 from .layers import Embedding, Linear, RMSNorm
 from .loader import Source, fill_module
@@ -172,24 +172,31 @@ _FUSED = {
 def text_encoder_plan(files) -> tuple[Qwen3Config, dict[str, Source], str]:
     keys = files.keys()
     prefix = strip_prefix(keys, ("model.", "text_model.", "qwen3_4b.transformer.model.", "transformer.model."), "embed_tokens.weight")
-    kind = describe(keys, files.shape)
     if prefix + "embed_tokens.weight" not in files or prefix + "layers.0.self_attn.q_norm.weight" not in files:
         raise ZImageError(
-            f"{files.path} looks like a {kind}, not the Qwen3 text encoder Z-Image uses. Choose qwen_3_4b.safetensors "
+            f"{files.path} {looks_like(keys, files.shape)}, not the Qwen3 text encoder Z-Image uses. Choose qwen_3_4b.safetensors "
             "(Comfy-Org/z_image_turbo, split_files/text_encoders) in models/text_encoders, or the text_encoder/ folder "
             "of Tongyi-MAI/Z-Image-Turbo."
         )
     shape = lambda k: files.shape(prefix + k)  # noqa: E731
-    n_file = 1 + max(int(m.group(1)) for k in keys if (m := _LAYER.match(k[len(prefix):])) and k.startswith(prefix))
+    n_file = block_count([k[len(prefix):] for k in keys if k.startswith(prefix)], _LAYER.pattern, "layer", files.path)
     hd = shape("layers.0.self_attn.q_norm.weight")[0]
     conf = files.config()
-    rope = conf.get("rope_theta") or (conf.get("rope_parameters") or {}).get("rope_theta") or 1_000_000.0
-    cfg = Qwen3Config(
-        hidden=shape("embed_tokens.weight")[1], n_layers_file=n_file, n_heads=shape("layers.0.self_attn.q_proj.weight")[0] // hd,
-        n_kv_heads=shape("layers.0.self_attn.k_proj.weight")[0] // hd, head_dim=hd,
-        intermediate=shape("layers.0.mlp.gate_proj.weight")[0], vocab=shape("embed_tokens.weight")[0],
-        rope_theta=float(rope), eps=float(conf.get("rms_norm_eps", 1e-6)),
-    )
+    rope_params = conf.get("rope_parameters")
+    rope = conf.get("rope_theta") or (rope_params.get("rope_theta") if isinstance(rope_params, dict) else None)
+    try:
+        cfg = Qwen3Config(
+            hidden=shape("embed_tokens.weight")[1], n_layers_file=n_file, n_heads=shape("layers.0.self_attn.q_proj.weight")[0] // hd,
+            n_kv_heads=shape("layers.0.self_attn.k_proj.weight")[0] // hd, head_dim=hd,
+            intermediate=shape("layers.0.mlp.gate_proj.weight")[0], vocab=shape("embed_tokens.weight")[0],
+            rope_theta=files.config_number({"rope_theta": rope}, "rope_theta", 1e6),
+            eps=files.config_number(conf, "rms_norm_eps", 1e-6),
+        )
+        if not all(0 < v <= 1 << 20 for v in (cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate, cfg.vocab)):
+            raise ValueError("implausible sizes")
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise ZImageError(f"{files.path}: cannot read the Qwen3 text encoder's sizes from its weights ({str(e)[:200]}); "
+                          "the file is incomplete or damaged.") from None
     plan: dict[str, Source] = {"embed_tokens.weight": Source([prefix + "embed_tokens.weight"], [scale_key(files, prefix + "embed_tokens.weight")])}
     for i in range(cfg.n_layers):
         plan.update(layer_plan(files, prefix, i, f"layers.{i}."))

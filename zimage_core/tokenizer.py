@@ -56,7 +56,15 @@ def find_tokenizer_dir(explicit: str | None = None, model_path: str | None = Non
 
 
 def build_tokenizer(folder: str) -> Tokenizer:
-    """A ``tokenizers.Tokenizer`` equal to transformers' Qwen2Tokenizer for the same files."""
+    """A ``tokenizers.Tokenizer`` equal to transformers' Qwen2Tokenizer for the same files; damaged files are named."""
+    try:
+        return _build(folder)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise ZImageError(f"The tokenizer files in {folder} are damaged ({type(e).__name__}: {str(e)[:160]}). "
+                          "Download them again, or leave the tokenizer unset to use the copy in this package.") from None
+
+
+def _build(folder: str) -> Tokenizer:
     tj = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(tj):
         try:
@@ -89,7 +97,7 @@ def build_tokenizer(folder: str) -> Tokenizer:
     cfg_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
-            added = json.load(f).get("added_tokens_decoder", {})
+            added = json.load(f).get("added_tokens_decoder") or {}
     if not added:  # the bare vocabulary: at least the end-of-text and chat markers
         added = {str(PAD_ID + i): {"content": c, "special": True} for i, c in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
     for idx in sorted(added, key=int):

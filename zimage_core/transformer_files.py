@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .attention import resolve_backend
-from .detect import describe, strip_prefix
+from .detect import block_count, describe, looks_like, strip_prefix
 from .errors import ZImageError
 from .layouts import WRAPPER_PREFIXES, internal_name, split_qkv
 from .loader import Source, fill_module, storage_dtype_for
@@ -93,19 +93,24 @@ def read_transformer_header(path: str, dtype: torch.dtype | None):
     """Open a transformer file or folder and read everything the header tells: (files, plan, unexpected keys,
     layout, config, compute dtype). Refuses files that are not Z-Image, naming what they are."""
     files = comfy_quantized(open_weights(path, subfolder="transformer"))
-    kind = describe(files.keys(), files.shape)
-    if not kind.startswith("Z-Image"):
+    if not describe(files.keys(), files.shape).startswith("Z-Image"):
         raise ZImageError(
-            f"{files.path} looks like a {kind}, not a Z-Image transformer. Choose a Z-Image diffusion model "
+            f"{files.path} {looks_like(files.keys(), files.shape)}, not a Z-Image transformer. Choose a Z-Image diffusion model "
             "(e.g. z_image_turbo_bf16.safetensors from Comfy-Org/z_image_turbo, in models/diffusion_models)."
         )
     plan, unexpected, layout = transformer_plan(files)
+    for group, what in (("layers", "layer"), ("noise_refiner", "noise refiner block"),
+                        ("context_refiner", "context refiner block"), ("siglip_refiner", "SigLIP refiner block")):
+        block_count(list(plan), rf"^{group}\.(\d+)\.", what, files.path)
     try:
         cfg = ZImageConfig.from_weights(internal_shape_fn(files, plan), list(plan))
-    except (KeyError, ValueError, IndexError) as e:
+        sizes = {k: v for k, v in vars(cfg).items() if type(v) is int}
+        if not all(0 <= v <= 1 << 17 for v in sizes.values()) or min(cfg.dim, cfg.head_dim) < 1 or cfg.dim % cfg.head_dim:
+            raise ValueError(f"implausible sizes {sizes}")
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
         raise ZImageError(
-            f"{files.path}: cannot read the transformer's sizes from its weights ({e}); the file is incomplete or "
-            "not a Z-Image checkpoint."
+            f"{files.path}: cannot read the transformer's sizes from its weights ({str(e)[:300]}); the file is "
+            "incomplete or not a Z-Image checkpoint."
         ) from None
     return files, plan, unexpected, layout, cfg, dtype or default_compute_dtype(files, plan)
 
