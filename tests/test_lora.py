@@ -1,5 +1,7 @@
 """LoRA in every dialect from the same low-rank deltas, exact on the fused qkv, against diffusers' load_lora_weights."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -95,6 +97,9 @@ DIALECTS = {
     "ai_toolkit": lambda d: peft(d, "diffusion_model."),
     "diffsynth": lambda d: peft(d, "", ".default"),
     "kohya_musubi": lambda d: kohya(d, "lora_unet_"),
+    # aigc-apps/VideoX-Fun videox_fun/utils/lora_utils.py (Z-Image-Fun LoRAs): "lora_unet" + "." + "" (the root
+    # module's name) + "." + child name, dots → "_", lora_down/lora_up/alpha, scale alpha / rank
+    "videox_fun": lambda d: kohya(d, "lora_unet__"),
     "lycoris": lambda d: kohya(d, "lycoris_", alpha=8.0),
     "comfyui_fused": lambda d: comfy_fused(d),
     "mixed_fused_and_split": lambda d: comfy_fused(d, mix=True),
@@ -259,3 +264,90 @@ def test_bad_loras_are_named(path, deltas, tmp_path):
                                                     "text_encoder.layers.0.q.lora_A.weight": torch.zeros(2, 2)})
     lf = read_lora(write(tmp_path, "partial.safetensors", partial), m)
     assert len(lf.unmatched) == 2 and "2 keys matched nothing" in lf.summary()
+
+
+def _forward_pair(theirs, ours, path):
+    g = torch.Generator().manual_seed(0)
+    x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4]), [torch.randn(11, 32, generator=g)]
+    with torch.no_grad():
+        r = theirs(list(x.unsqueeze(2)), t, cap, return_dict=False)[0][0].squeeze(1)
+        o = ours(x, t, cap)[0]
+        base = load(path)(x, t, cap)[0]
+    return rel_err(o, r), rel_err(base, r)
+
+
+def test_fused_and_split_twins_apply_once_like_diffusers(path, deltas, tmp_path):
+    """Anime-Z style files carry both fused ``qkv``/``out`` and split ``to.q``/``to_out.0`` copies; diffusers
+    (loaders/lora_conversion_utils.py, the ``.lora.down.weight`` branch) skips the fused ones, and so do we."""
+    from diffusers import ZImagePipeline
+
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for n, (down, up) in deltas.items():
+        k = re.sub(r"attention\.to_([qkv])$", r"attention.to.\1", n)
+        sd[f"diffusion_model.{k}.lora.down.weight"], sd[f"diffusion_model.{k}.lora.up.weight"] = down, up
+        if n.endswith("attention.to_q") or n.endswith("attention.to_out.0"):  # a different fused twin
+            base = n.rsplit(".attention.", 1)[0] + ".attention." + ("qkv" if n.endswith("to_q") else "out")
+            rows = up.shape[0] * (3 if n.endswith("to_q") else 1)
+            sd[f"diffusion_model.{base}.lora.down.weight"] = torch.randn(RANK, down.shape[1], generator=g)
+            sd[f"diffusion_model.{base}.lora.up.weight"] = torch.randn(rows, RANK, generator=g)
+    lora_path = write(tmp_path, "twins.safetensors", sd)
+    theirs = diffusers_transformer(seed=1)
+    ZImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=theirs).load_lora_weights(lora_path)
+    ours = load(path)
+    lf = read_lora(lora_path, ours)
+    LoraPatcher.of(ours).apply([(lf, 1.0)])
+    assert lf.unmatched == [] and len(lf.duplicates) == 2 * 2 * sum(n.endswith("to_q") for n in deltas)
+    err, moved = _forward_pair(theirs, ours, path)
+    assert err < 2e-6 and moved > 1e-3
+
+
+def test_lora_adapter_metadata_alpha_like_diffusers(path, deltas, tmp_path):
+    """diffusers training scripts save lora_alpha (and patterns) only in the ``lora_adapter_metadata`` header
+    entry (ZImagePipeline.save_lora_weights(..., transformer_lora_adapter_metadata=...)); diffusers scales by it."""
+    from diffusers import ZImagePipeline
+
+    meta = {"r": RANK, "lora_alpha": 16, "alpha_pattern": {"feed_forward.w2": 2},
+            "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3", "adaLN_modulation.0"]}
+    ZImagePipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=peft(deltas),
+                                     transformer_lora_adapter_metadata=meta)
+    lora_path = str(tmp_path / "pytorch_lora_weights.safetensors")
+    theirs = diffusers_transformer(seed=1)
+    ZImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=theirs).load_lora_weights(lora_path)
+    ours = load(path)
+    apply_lora_specs(ours, [lora_path])
+    err, moved = _forward_pair(theirs, ours, path)
+    assert err < 2e-6 and moved > 1e-3
+    w2 = next(d for d in read_lora(lora_path, ours).deltas if d.target == "layers.0.feed_forward.w2")
+    assert w2.scale == 2 / RANK  # the pattern, not lora_alpha
+
+
+def test_full_diffs_for_norms_biases_and_embedders(path, deltas, tmp_path):
+    """ComfyUI's trainer (comfy_extras/nodes_train.py: ``{module}.diff`` for 1-D weights, ``{module}.diff_b`` for
+    biases, under the model's own names) and its extractor (nodes_lora_extract.py: ``.diff`` full deltas); applied
+    as ComfyUI's comfy/lora.py does: weight += strength · diff. LyCORIS norm modules write ``w_norm``/``b_norm``."""
+    m = load(path)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(9)
+    full = {
+        "layers.0.attention_norm1.weight": "diffusion_model.layers.0.attention_norm1.diff",
+        "layers.1.attention.k_norm.weight": "diffusion_model.layers.1.attention.k_norm.diff",
+        "layers.0.adaLN_modulation.0.bias": "diffusion_model.layers.0.adaLN_modulation.0.diff_b",
+        "x_embedder.bias": "diffusion_model.x_embedder.diff_b",
+        "cap_embedder.1.weight": "diffusion_model.cap_embedder.1.diff",
+        "layers.1.ffn_norm1.weight": "lycoris_layers_1_ffn_norm1.w_norm",
+        "t_embedder.mlp.0.bias": "lycoris_t_embedder_mlp_0.b_norm",
+    }
+    sd = dict(peft(deltas, "diffusion_model."))
+    for name, key in full.items():
+        sd[key] = torch.randn(base[name].shape, generator=g)
+    lf = read_lora(write(tmp_path, "full.safetensors", sd), m)
+    assert lf.unmatched == []
+    LoraPatcher.of(m).apply([(lf, 0.7)])
+    want = expected_weights(path, deltas, 0.7)
+    for name, key in full.items():
+        want[name] = want[name] + 0.7 * sd[key]
+    for k, v in m.state_dict().items():
+        assert torch.allclose(v, want[k], atol=1e-6, rtol=1e-5), k
+    LoraPatcher.of(m).apply([])
+    assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items())

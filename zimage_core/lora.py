@@ -7,8 +7,16 @@ model (ComfyUI's fused ``attention.qkv`` / ``attention.out`` / ``x_embedder`` an
 ``transformer.`` diffusers, ``base_model.model.`` PEFT, bare or ``.default.`` DiffSynth). Separate
 q/k/v deltas land exactly on their rows of the fused qkv.
 
-Scales follow each format: LoRA alpha/rank (1 without alpha, as PEFT and diffusers), LoKr
-alpha/dim only when a factor is itself factored (as LyCORIS and ComfyUI), LoHa alpha/rank.
+Scales follow each format: LoRA alpha/rank (1 without alpha, as PEFT and diffusers; a diffusers
+training script's ``lora_adapter_metadata`` gives lora_alpha/r and its patterns), LoKr alpha/dim only
+when a factor is itself factored (as LyCORIS and ComfyUI), LoHa alpha/rank. Full deltas: ``.diff``
+(weights, norms included) and ``.diff_b`` (biases), as ComfyUI's trainer and LoRA extractor write them
+(ComfyUI comfy_extras/nodes_train.py, comfy_extras/nodes_lora_extract.py), and LyCORIS' ``w_norm``/``b_norm``.
+
+A file holding both the fused (``attention.qkv`` / ``attention.out``) and the split (``to_q/k/v`` /
+``to_out.0``) copy of one layer is applied once, from the split copy, as diffusers does
+(diffusers loaders/lora_conversion_utils.py ``_convert_non_diffusers_z_image_lora_to_diffusers``: "qkv
+duplicates individual to.q/k/v keys → skip qkv", "out duplicates to_out.0 keys → skip bare out").
 
 ``LoraPatcher`` merges deltas into bf16/fp16/fp32 weights (keeping the original tensors to restore them
 bit for bit) or, for fp8 or packed storage, attaches them as run-time patches so nothing is re-quantised.
@@ -16,7 +24,9 @@ bit for bit) or, for fp8 or packed storage, attaches them as run-time patches so
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .detect import describe
 from .errors import ZImageError
 from .layers import Linear
 from .layouts import WRAPPER_PREFIXES, diffusers_names
@@ -32,13 +43,18 @@ from .safetensors_io import open_weights
 log = logging.getLogger("zimage")
 
 PREFIXES = ("base_model.model.", *WRAPPER_PREFIXES, "pipe.dit.", "dit.")
-UNDERSCORE_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
+# "lora_unet__": VideoX-Fun / alibaba-pai (Z-Image-Fun LoRAs): aigc-apps/VideoX-Fun videox_fun/utils/lora_utils.py
+# names each module "lora_unet" + "." + "" + "." + child name with dots → "_" (the root has an empty name)
+UNDERSCORE_PREFIXES = ("lora_unet__", "lora_unet_", "lycoris_", "lora_transformer_")
+DIALECTS = {"lora_unet__": "VideoX-Fun", "lora_unet_": "kohya/musubi", "lycoris_": "LyCORIS"}
+MAX_RANK = 4096
 PARAMS = (
     "lora_A.default.weight", "lora_B.default.weight", "lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight",
     "lora.down.weight", "lora.up.weight", "lora_A", "lora_B", "alpha", "dora_scale",
     "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_w1", "lokr_w2", "lokr_t2",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "diff", "diff_b",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "diff_b", "diff", "w_norm", "b_norm",
 )
+BIAS_PARAMS = ("diff_b", "b_norm")
 DOWN = {"lora_A.default.weight", "lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A"}
 UP = {"lora_B.default.weight", "lora_B.weight", "lora_up.weight", "lora.up.weight", "lora_B"}
 OTHER_MODELS = [
@@ -51,14 +67,16 @@ OTHER_MODELS = [
 
 @dataclass
 class Delta:
-    """One adapter module's weight change for a target Linear (optionally only some of its rows)."""
+    """One adapter module's change of a target parameter (a Linear's weight, optionally only some of its rows;
+    or any module's weight/bias as a dense delta)."""
 
     target: str
     rows: tuple[int, int] | None
-    kind: str  # "lora" (up @ down), "full" (a dense matrix)
+    kind: str  # "lora" (up @ down), "full" (a dense tensor)
     up: torch.Tensor | None
     down: torch.Tensor | None
     scale: float
+    param: str = "weight"
 
     def matrix(self) -> torch.Tensor:
         if self.kind == "lora":
@@ -72,24 +90,29 @@ class LoraFile:
     deltas: list[Delta]
     unmatched: list[str] = field(default_factory=list)
     dialects: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # fused copies skipped for their split twins
 
     def summary(self) -> str:
         s = f"{len(self.deltas)} module deltas ({', '.join(self.dialects) or 'unknown dialect'})"
+        if self.duplicates:
+            s += f"; {len(self.duplicates)} fused copies of split layers skipped (the split copy applies), e.g. {self.duplicates[0]}"
         if self.unmatched:
             s += f"; {len(self.unmatched)} keys matched nothing, e.g. {', '.join(self.unmatched[:3])}"
         return s
 
 
 def _aliases(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
-    """Every name a LoRA may use for a Linear of ``model`` → (internal name, rows)."""
+    """Every name an adapter may use for a module with parameters of ``model`` → (internal name, rows)."""
     out: dict[str, tuple[str, tuple[int, int] | None]] = {}
     dim = model.cfg.dim
     for name, m in model.named_modules():
-        if not isinstance(m, Linear):
+        if not name or not any(p is not None for p in m._parameters.values()):
             continue
         for n, part in [(name, None), *diffusers_names(name)]:
             rows = None if part is None else (part * dim, (part + 1) * dim)
             out[n] = out[n.replace(".", "_")] = (name, rows)
+            if n.endswith(("to_q", "to_k", "to_v")):  # "to.q": Anime-Z (see diffusers' converter)
+                out[n[:-4] + "to." + n[-1]] = (name, rows)
     return out
 
 
@@ -107,7 +130,7 @@ def _module(mod: str, aliases) -> tuple[str, str] | None:
             return mod, ""
         for p in UNDERSCORE_PREFIXES:
             if mod.startswith(p) and mod[len(p):] in aliases:
-                return mod[len(p):], {"lora_unet_": "kohya/musubi", "lycoris_": "LyCORIS"}.get(p, p)
+                return mod[len(p):], DIALECTS.get(p, p)
         for p in PREFIXES:
             if mod.startswith(p):
                 mod = mod[len(p):]
@@ -118,10 +141,9 @@ def _module(mod: str, aliases) -> tuple[str, str] | None:
 
 
 def _dialect(key: str) -> str:
-    if key.startswith("lora_unet_"):
-        return "kohya/musubi"
-    if key.startswith("lycoris_"):
-        return "LyCORIS"
+    for p, name in DIALECTS.items():
+        if key.startswith(p):
+            return name
     if key.startswith("diffusion_model."):
         return "ai-toolkit/ComfyUI"
     if key.startswith("transformer."):
@@ -131,6 +153,46 @@ def _dialect(key: str) -> str:
     if ".default." in key:
         return "DiffSynth"
     return "bare"
+
+
+def _peft_config(files) -> dict | None:
+    """The transformer's LoraConfig from diffusers' ``lora_adapter_metadata`` (JSON of ``transformer.``-prefixed
+    LoraConfig fields: diffusers loaders/lora_base.py ``_save_lora_weights`` / ``_pack_dict_with_prefix``, read
+    back in loaders/peft.py ``load_lora_adapter`` → utils/peft_utils.py ``_create_lora_config``)."""
+    raw = files.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, RecursionError) as e:
+        raise ZImageError(f"{files.path}: its lora_adapter_metadata is not readable JSON ({str(e)[:100]}).") from None
+    conf = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    for k in ("r", "lora_alpha"):
+        v = conf.get(k)
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v) or v <= 0):
+            raise ZImageError(f"{files.path}: lora_adapter_metadata gives {k} = {str(v)[:40]!r}; expected a positive number.")
+    for k in ("rank_pattern", "alpha_pattern"):
+        pat = conf.get(k) or {}
+        if not isinstance(pat, dict) or not all(type(v) in (int, float) and v > 0 for v in pat.values()):
+            raise ZImageError(f"{files.path}: lora_adapter_metadata's {k} must map module patterns to positive numbers.")
+    return conf or None
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's pattern lookup (peft tuners/tuners_utils.py ``get_pattern_key``): a key matches a module whose
+    dotted name ends with it."""
+    for pat, v in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", module):
+            return v
+    return default
+
+
+def _peft_scale(conf: dict, module: str, rank: int) -> float:
+    """lora_alpha / r for ``module`` (diffusers module name), per PEFT's LoraLayer.update_layer."""
+    alpha = _pattern_value(conf.get("alpha_pattern") or {}, module, conf.get("lora_alpha", 8))
+    return alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
 
 
 def read_lora(path: str, model) -> LoraFile:
@@ -152,6 +214,9 @@ def read_lora(path: str, model) -> LoraFile:
         if sp[1].startswith("hada"):
             dialects.add("LoHa")
     if not groups:
+        if describe(files.keys(), files.shape).startswith("Z-Image"):
+            raise ZImageError(f"{files.path} is a full Z-Image transformer, not a LoRA; load it with the model loader "
+                              "(models/diffusion_models).")
         text = " ".join(files.keys())
         for marks, name in OTHER_MODELS:
             if any(m in text for m in marks):
@@ -160,59 +225,159 @@ def read_lora(path: str, model) -> LoraFile:
             f"{files.path}: none of its {len(files.keys())} keys match a Z-Image layer (e.g. {', '.join(list(files.keys())[:3])}). "
             "It is not a Z-Image LoRA, or uses a naming this loader does not know."
         )
+    duplicates = _drop_fused_twins(groups, aliases)
+    peft = _peft_config(files)
     deltas = []
     for alias, parts in groups.items():
         if "dora_scale" in parts:
             raise ZImageError(f"{files.path}: {parts['dora_scale']} is a DoRA magnitude; DoRA adapters are not supported yet.")
         target, rows = aliases[alias]
-        lin = model.get_submodule(target)
-        shape = ((rows[1] - rows[0]) if rows else lin.out_features, lin.in_features)
-        d = _delta(files, alias, parts, target, rows, shape)
-        if d is None:
+        found = _deltas(files, alias, parts, target, rows, model.get_submodule(target), peft)
+        if not found:
             unmatched.extend(parts.values())
-        else:
-            deltas.append(d)
-    lf = LoraFile(files.path, deltas, unmatched, sorted(dialects))
+        deltas.extend(found)
+    if not deltas:
+        raise ZImageError(f"{files.path}: its keys name Z-Image layers but hold no weight changes (e.g. "
+                          f"{', '.join(list(files.keys())[:3])}); the file is incomplete or not an adapter.")
+    if all(not (d.up.any() and (d.down is None or d.down.any())) for d in deltas):
+        raise ZImageError(f"{files.path}: every weight change in it is zero (an untrained or emptied adapter); "
+                          "it would change nothing.")
+    lf = LoraFile(files.path, deltas, unmatched, sorted(dialects), duplicates)
     if unmatched:
         log.warning("LoRA %s: %d of %d keys match no Z-Image layer and were not applied, e.g. %s",
                     files.path, len(unmatched), len(files.keys()), ", ".join(unmatched[:4]))
     return lf
 
 
-def _delta(files, alias: str, parts: dict[str, str], target: str, rows, shape: tuple[int, int]) -> Delta | None:
-    """The Delta one module's keys describe (LoRA pair, LoKr, LoHa or a full diff), checked against ``shape``."""
+def _drop_fused_twins(groups: dict[str, dict[str, str]], aliases) -> list[str]:
+    """Keep one copy of each layer's weight (and bias) change: split q/k/v rows before the fused qkv, diffusers
+    names (``to_out.0``) before ours, else the first in the file (see the module docstring). Returns the keys
+    skipped."""
+
+    def rank(a):  # lower wins
+        return aliases[a][1] is None, "to_" not in a
+
+    by_target: dict[str, list[str]] = defaultdict(list)
+    for a in groups:
+        by_target[aliases[a][0]].append(a)
+    skipped = []
+    for names in by_target.values():
+        taken: list[tuple] = []
+        for a in sorted(names, key=rank):
+            rows = aliases[a][1]
+            for kind in {"bias" if p in BIAS_PARAMS else "weight" for p in groups[a] if p != "alpha"}:
+                if any(k == kind and (r is None or rows is None or r == rows) for r, k in taken):
+                    drop = [p for p in groups[a] if p != "alpha" and (p in BIAS_PARAMS) == (kind == "bias")]
+                    skipped += [groups[a].pop(p) for p in drop]
+                else:
+                    taken.append((rows, kind))
+            if not set(groups[a]) - {"alpha"}:
+                skipped += list(groups.pop(a).values())
+    return sorted(skipped)
+
+
+def _deltas(files, alias: str, parts: dict[str, str], target: str, rows, module, peft) -> list[Delta]:
+    """The Deltas one module's keys describe (LoRA pair, LoKr, LoHa, full weight/bias diffs), checked against the
+    module's parameters before anything large is computed."""
 
     def get(p):
-        return files.get(parts[p]).float() if p in parts else None
+        return files.get(parts[p]).float()
 
-    alpha = get("alpha")
-    alpha = float(alpha.reshape(-1)[0]) if alpha is not None else None
+    def shape_of(p):
+        return tuple(files.shape(parts[p]))
+
+    def need(*ps):
+        missing = [p for p in ps if p not in parts]
+        if missing:
+            raise ZImageError(f"{files.path}: {alias} has {', '.join(sorted(p for p in parts if p != 'alpha'))} but not "
+                              f"{', '.join(missing)}; the adapter is incomplete.")
+
+    out: list[Delta] = []
+    for bias_key in BIAS_PARAMS:
+        if bias_key in parts:
+            b = getattr(module, "bias", None)
+            if b is None or shape_of(bias_key) != tuple(b.shape):
+                raise ZImageError(f"{files.path}: {parts[bias_key]} has shape {list(shape_of(bias_key))}, but {alias} "
+                                  f"{'has no bias' if b is None else f'has a bias of {list(b.shape)}'}.")
+            out.append(Delta(target, None, "full", get(bias_key), None, 1.0, "bias"))
+    w = getattr(module, "weight", None)
+    if w is None:
+        return out
+    shape = ((rows[1] - rows[0]) if rows else w.shape[0], *w.shape[1:])
+    alpha = None
+    if "alpha" in parts:
+        if files.nbytes(parts["alpha"]) > 16 or math.prod(files.shape(parts["alpha"])) != 1:
+            raise ZImageError(f"{files.path}: {parts['alpha']} has shape {list(files.shape(parts['alpha']))}; alpha is one number.")
+        alpha = float(get("alpha").reshape(()))
+        if not math.isfinite(alpha):
+            raise ZImageError(f"{files.path}: {parts['alpha']} is {alpha}; the file is damaged.")
     up_key = next((p for p in parts if p in UP), None)
     down_key = next((p for p in parts if p in DOWN), None)
-    if up_key and down_key:
-        up, down = get(up_key), get(down_key)
-        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ZImageError(f"{files.path}: {parts[up_key]} {list(up.shape)} and {parts[down_key]} {list(down.shape)} "
+    lowrank = [p for p in parts if p.startswith(("lokr", "hada"))]
+    if up_key or down_key:
+        if not (up_key and down_key):
+            raise ZImageError(f"{files.path}: {parts[up_key or down_key]} has no {'down' if up_key else 'up'} half; "
+                              "the adapter is incomplete.")
+        su, sd = shape_of(up_key), shape_of(down_key)
+        if len(su) != 2 or len(sd) != 2 or su[1] != sd[0] or not 0 < sd[0] <= MAX_RANK:
+            raise ZImageError(f"{files.path}: {parts[up_key]} {list(su)} and {parts[down_key]} {list(sd)} "
                               "do not form a low-rank pair (rank mismatch).")
-        if (up.shape[0], down.shape[1]) != shape:
-            raise ZImageError(f"{files.path}: {parts[down_key]} gives a {up.shape[0]}×{down.shape[1]} update but "
-                              f"{alias} is {shape[0]}×{shape[1]}; the LoRA was made for a different model size.")
-        return Delta(target, rows, "lora", up, down, alpha / down.shape[0] if alpha else 1.0)
+        if (su[0], sd[1]) != shape:
+            raise ZImageError(f"{files.path}: {parts[down_key]} gives a {su[0]}×{sd[1]} update but "
+                              f"{alias} is {'×'.join(map(str, shape))}; the LoRA was made for a different model size.")
+        rank = sd[0]
+        if alpha is not None:
+            scale = alpha / rank
+        elif peft is not None:
+            scale = _peft_scale(peft, _diffusers_name(alias), rank)
+        else:
+            scale = 1.0
+        out.append(Delta(target, rows, "lora", get(up_key), get(down_key), scale))
+    elif lowrank:
+        full, scale, src = _lycoris(files, alias, parts, shape, alpha, need, shape_of, get)
+        out.append(Delta(target, rows, "full", full, None, scale))
+    for full_key in ("diff", "w_norm"):
+        if full_key in parts:
+            if shape_of(full_key) != tuple(shape):
+                raise ZImageError(f"{files.path}: {parts[full_key]} has shape {list(shape_of(full_key))}, expected "
+                                  f"{list(shape)} for {alias}.")
+            out.append(Delta(target, rows, "full", get(full_key), None, 1.0))
+    return out
+
+
+def _diffusers_name(alias: str) -> str:
+    """The diffusers module name PEFT patterns are written against (underscored aliases become dotted)."""
+    return alias if "." in alias else re.sub(r"_(\d+)_", r".\1.", alias)
+
+
+def _lycoris(files, alias, parts, shape, alpha, need, shape_of, get):
+    """LoKr (kron(w1, w2)) or LoHa ((w1a@w1b) * (w2a@w2b)) with every factor's shape checked first
+    (LyCORIS lycoris/modules/lokr.py, loha.py; ComfyUI comfy/weight_adapter/lokr.py, loha.py)."""
+    out_f, in_f = shape[0], math.prod(shape[1:])
+
+    def mm_shape(a, b):
+        need(a, b)
+        sa, sb = shape_of(a), shape_of(b)
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or sa[1] > MAX_RANK:
+            raise ZImageError(f"{files.path}: {parts[a]} {list(sa)} and {parts[b]} {list(sb)} of {alias} do not multiply.")
+        return sa[0], sb[1]
+
     if any(p.startswith("lokr") for p in parts):
+        s1 = shape_of("lokr_w1") if "lokr_w1" in parts else mm_shape("lokr_w1_a", "lokr_w1_b")
+        s2 = shape_of("lokr_w2") if "lokr_w2" in parts else mm_shape("lokr_w2_a", "lokr_w2_b")
+        if len(s1) != 2 or len(s2) != 2 or (s1[0] * s2[0], s1[1] * s2[1]) != (out_f, in_f):
+            raise ZImageError(f"{files.path}: the LoKr factors of {alias} ({list(s1)} ⊗ {list(s2)}) do not make its "
+                              f"{out_f}×{in_f} weight; the adapter was made for another model or is damaged.")
         w1 = get("lokr_w1") if "lokr_w1" in parts else get("lokr_w1_a") @ get("lokr_w1_b")
         w2 = get("lokr_w2") if "lokr_w2" in parts else get("lokr_w2_a") @ get("lokr_w2_b")
-        dim = get("lokr_w1_b").shape[0] if "lokr_w1_b" in parts else get("lokr_w2_b").shape[0] if "lokr_w2_b" in parts else None
-        full, scale, src = torch.kron(w1, w2), alpha / dim if alpha and dim else 1.0, "LoKr"
-    elif "hada_w1_a" in parts:
-        full = (get("hada_w1_a") @ get("hada_w1_b")) * (get("hada_w2_a") @ get("hada_w2_b"))
-        scale, src = alpha / get("hada_w1_b").shape[0] if alpha else 1.0, "LoHa"
-    elif "diff" in parts:
-        full, scale, src = get("diff"), 1.0, "diff"
-    else:
-        return None
-    if tuple(full.shape) != shape:
-        raise ZImageError(f"{files.path}: the {src} weights of {alias} make {list(full.shape)}, expected {list(shape)}.")
-    return Delta(target, rows, "full", full, None, scale)
+        dim = shape_of("lokr_w1_b")[0] if "lokr_w1_b" in parts else shape_of("lokr_w2_b")[0] if "lokr_w2_b" in parts else None
+        return torch.kron(w1, w2).reshape(shape), alpha / dim if alpha and dim else 1.0, "LoKr"
+    s1, s2 = mm_shape("hada_w1_a", "hada_w1_b"), mm_shape("hada_w2_a", "hada_w2_b")
+    if s1 != (out_f, in_f) or s2 != (out_f, in_f):
+        raise ZImageError(f"{files.path}: the LoHa factors of {alias} make {list(s1)} and {list(s2)}, expected "
+                          f"{[out_f, in_f]}.")
+    full = (get("hada_w1_a") @ get("hada_w1_b")) * (get("hada_w2_a") @ get("hada_w2_b"))
+    return full.reshape(shape), alpha / shape_of("hada_w1_b")[0] if alpha else 1.0, "LoHa"
 
 
 class LoraPatcher:
@@ -220,7 +385,7 @@ class LoraPatcher:
 
     def __init__(self, model):
         self.model = model
-        self.backup: dict[str, nn.Parameter] = {}
+        self.backup: dict[tuple[str, str], nn.Parameter] = {}
         self.runtime: set[str] = set()
         self.active: tuple = ()
 
@@ -232,8 +397,8 @@ class LoraPatcher:
         return model.lora_patcher
 
     def restore(self) -> None:
-        for name, w in self.backup.items():
-            self.model.get_submodule(name).weight = w
+        for (name, param), w in self.backup.items():
+            setattr(self.model.get_submodule(name), param, w)
         for name in self.runtime:
             self.model.get_submodule(name).patches = []
         self.backup.clear()
@@ -242,24 +407,25 @@ class LoraPatcher:
 
     def apply(self, stack: list[tuple[LoraFile, float]], runtime: bool | None = None) -> None:
         """Make the model's weights base + Σ strength·Δ: merged into bf16/fp16/fp32 weights, or as run-time
-        patches for fp8 storage (or everywhere with ``runtime=True``)."""
+        patches for fp8 Linear storage (or every Linear weight with ``runtime=True``); biases and norm weights
+        are always merged."""
         key = tuple((id(f), float(s)) for f, s in stack) + (runtime,)
         if key == self.active:
             return
         self.restore()
-        per: dict[str, list[tuple[Delta, float]]] = defaultdict(list)
+        per: dict[tuple[str, str], list[tuple[Delta, float]]] = defaultdict(list)
         for f, s in stack:
             if s != 0:
                 for d in f.deltas:
-                    per[d.target].append((d, float(s)))
+                    per[(d.target, d.param)].append((d, float(s)))
         with torch.no_grad():
-            for name, items in per.items():
-                lin = self.model.get_submodule(name)
-                if runtime or lin.patch_only:  # fp8 and packed weights are never re-quantised: always at run time
-                    lin.patches = [self._runtime_patch(lin, d, s) for d, s in items]
+            for (name, param), items in per.items():
+                mod = self.model.get_submodule(name)
+                if param == "weight" and isinstance(mod, Linear) and (runtime or mod.patch_only):
+                    mod.patches = [self._runtime_patch(mod, d, s) for d, s in items]  # fp8/packed: never re-quantised
                     self.runtime.add(name)
                     continue
-                w = lin.weight
+                w = getattr(mod, param)
                 merged = w.detach().float().clone()
                 for d, s in items:
                     rows = merged[d.rows[0]:d.rows[1]] if d.rows else merged
@@ -267,8 +433,8 @@ class LoraPatcher:
                         rows.addmm_(d.up.float().to(merged.device), d.down.float().to(merged.device), alpha=s * d.scale)
                     else:
                         rows.add_(d.matrix().to(merged.device), alpha=s)
-                self.backup[name] = w
-                lin.weight = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+                self.backup[(name, param)] = w
+                setattr(mod, param, nn.Parameter(merged.to(w.dtype), requires_grad=False))
         self.active = key
 
     @staticmethod
