@@ -53,6 +53,17 @@ def resolve(folder: str, name: str) -> str:
     return path
 
 
+def file_identity(folder: str, name: str) -> tuple | None:
+    """What changes when a chosen file (or a file of a chosen folder) is replaced or edited on disk, so ComfyUI
+    re-runs the loader instead of reusing a model read from the old bytes."""
+    try:
+        path = resolve(folder, name)
+        paths = [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+        return tuple((os.stat(p).st_ino, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+    except (OSError, zc.ZImageError):
+        return None  # execute() reports the problem
+
+
 def _split_dtype(choice: str, device, fp16: bool = True):
     """One widget, two meanings: fp8 choices set the storage (compute stays bf16); the others set compute."""
     st = storage_dtype(choice)
@@ -97,6 +108,10 @@ class ZImageModelLoader(io.ComfyNode):
             ],
             outputs=[ZImageModel.Output(tooltip="The Z-Image transformer, for the Z-Image Sampler and LoRA nodes.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, **_):
+        return file_identity("diffusion_models", model_name)
 
     @classmethod
     def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2,
@@ -147,6 +162,10 @@ class ZImageTextEncoderLoader(io.ComfyNode):
             ],
             outputs=[ZImageTextEncoder.Output(tooltip="The prompt encoder, for Z-Image Text Encode.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, text_encoder_name, **_):
+        return file_identity("text_encoders", text_encoder_name)
 
     @classmethod
     def execute(cls, text_encoder_name, weight_dtype, device) -> io.NodeOutput:

@@ -139,7 +139,7 @@ _CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 def _key(path: str, *options) -> tuple:
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_mtime_ns, st.st_size, *options)
+    return (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size, *options)
 
 
 def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> Handle:

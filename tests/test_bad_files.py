@@ -194,6 +194,9 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
         ("torch-zip", "dit", b"PK\x03\x04\x14\x00\x08\x08" + b"\0" * 100, "zip/pickle checkpoint"),
         ("gguf-magic", "dit", b"GGUF\x03\x00\x00\x00" + b"\0" * 100, "GGUF"),
         ("random-bytes", "dit", bytes(range(256)) * 4, "not a valid safetensors"),
+        ("a-fifo", "dit", ("fifo",), "not a regular file"),
+        ("link-to-dev-zero", "dit", ("link", "/dev/zero"), "not a regular file"),
+        ("a-folder-named-safetensors", "meta", {"nothing.txt": b""}, "no .safetensors weights"),
         # -- a valid container with the wrong content ------------------------------------------------
         ("dit-absurd-layer-index", "dit", st_save(put(dit, **{"layers.999999999.ffn_norm1.weight": torch.ones(dim)})),
          "absurdly large"),
@@ -228,6 +231,10 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
         ("dit-unsupported-storage", "dit", st_save(put(dit, **{w: dit[w].to(torch.uint16)})), "storage type"),
         ("dit-unknown-quant-format", "dit", st_save(dit, metadata={"_quantization_metadata": json.dumps(
             {"layers": {"layers.0.attention.out": {"format": "nvfp4"}}})}), "nvfp4"),
+        ("dit-comfy-quant-not-object", "dit", st_save(put(dit, **{"layers.0.attention.out.comfy_quant": torch.tensor(
+            list(b"[1, 2]"), dtype=torch.uint8)})), "unreadable quantisation config"),
+        ("dit-comfy-quant-float", "dit", st_save(put(dit, **{"layers.0.attention.out.comfy_quant": torch.ones(8)})),
+         "unreadable quantisation config"),
         ("dit-broken-quant-metadata", "dit", st_save(dit, metadata={"_quantization_metadata": "{"}), "unreadable"),
         # -- text encoder ----------------------------------------------------------------------------
         ("te-absurd-layer-index", "te", st_save(put(te, **{"model.layers.88888888.input_layernorm.weight": torch.ones(32)})),
@@ -280,6 +287,9 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
          "is a LoRA for FLUX.1"),
         ("lora-flux-diffusers", "lora", st_save({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 8)}),
          "is a LoRA for FLUX.1"),
+        ("lora-flux-double-blocks-only", "lora", st_save({"transformer.transformer_blocks.0.ff_context.net.0.proj.lora_A.weight":
+                                                          torch.ones(4, 8)}), "is a LoRA for FLUX.1"),
+        ("lora-lumina2", "lora", st_save(lora_pair("layers.0.attention.qkv", 4, 3 * 2304, 2304)), "Lumina-Image 2.0"),
         ("lora-sdxl", "lora", st_save({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.ones(4, 8)}), "SDXL"),
         ("lora-sd-text-encoder", "lora", st_save({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
                                                   torch.ones(4, 8)}), "text encoder"),
@@ -344,6 +354,8 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
         ("lora-diff-b-wrong-shape", "lora", st_save({"diffusion_model.x_embedder.diff_b": torch.ones(7)}), "has a bias of"),
         ("lora-all-zero", "lora", st_save({k: torch.zeros_like(v) for k, v in
                                            lora_pair("layers.0.attention.out", 4, dim, dim).items()}), "every weight change"),
+        ("lora-nan-weights", "lora", st_save(put(lora_pair("layers.0.attention.out", 4, dim, dim), **{
+            "diffusion_model.layers.0.attention.out.lora_B.weight": torch.full((dim, 4), float("nan"))})), "NaN/inf"),
         ("lora-truncated", "lora", st_save(lora_pair("layers.0.attention.out", 4, dim, dim))[:-10], "truncated"),
         # -- tokenizer folders -----------------------------------------------------------------------
         ("tokenizer-json-broken", "tokenizer", {"tokenizer.json": b'{"model": 3}'}, "not a readable tokenizer"),
@@ -387,6 +399,10 @@ def materialise(root, cid, content) -> str:
     path = os.path.join(root, cid)
     if content is None:  # no explicit folder: the package's own tokenizer
         return ""
+    if isinstance(content, tuple):  # a special file: ("fifo",) or ("link", target)
+        path += ".safetensors"
+        os.mkfifo(path) if content[0] == "fifo" else os.symlink(content[1], path)
+        return path
     if isinstance(content, dict):
         os.makedirs(path, exist_ok=True)
         for name, blob in content.items():
@@ -466,3 +482,37 @@ def test_every_valid_file_loads_and_reads_back_exactly(outcomes, bases):
         if r["outcome"] != "loaded" or (digest is not None and r["digest"] != digest):
             failures.append(f"{cid}: {r['outcome']}: {r.get('message', '')[:300]}")
     assert not failures, "\n".join(failures)
+
+
+CHANGED_ON_DISK = r"""
+import os, sys, torch, zimage_core as zc
+from zimage_core.safetensors_io import SafetensorsFile
+p = sys.argv[1]
+m = zc.load_transformer(p, dtype=torch.float32)
+f = SafetensorsFile(p)
+g = torch.Generator().manual_seed(0)
+x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.5]), [torch.randn(5, 32, generator=g)]
+with torch.no_grad():
+    before = m(x, t, cap)
+    os.truncate(p, 4096)  # a download restarted in place: pages past the new end would SIGBUS a mapping
+    with open(p, "r+b") as fh:
+        fh.write(b"\xff" * 4096)
+    after = m(x, t, cap)
+print("SAME" if torch.equal(before, after) else "CHANGED")
+try:
+    f.get(f.keys()[0])
+except zc.ZImageError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_a_file_changed_on_disk_after_loading_changes_nothing(bases, tmp_path):
+    """Weights live in memory the model owns: truncating and rewriting the file later can neither crash the process
+    (SIGBUS) nor change the loaded model, and reading on from the changed file is refused by name."""
+    path = tmp_path / "z.safetensors"
+    path.write_bytes(st_save(bases["dit"]))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", CHANGED_ON_DISK, str(path)], capture_output=True, text=True,
+                       timeout=BATCH_SECONDS, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SAME" in r.stdout and "REFUSED" in r.stdout and "z.safetensors was replaced, changed or removed" in r.stdout

@@ -235,3 +235,51 @@ def test_comfyui_quantized_files_run_through_our_loaders(server, object_info, tm
             node["inputs"]["text_encoder_name"] = "qwen_3_4b_fp4_mixed.safetensors"
     imgs, _ = run(server, prompt, 3)
     assert imgs and imgs[0].shape[:2] == (256, 256) and imgs[0].std() > 2
+
+
+def test_malicious_files_selected_in_the_loader_leave_the_server_answering(server, object_info):
+    """Choosing a file in the loader's dropdown makes the web extension POST /zimage/plan for it. Crafted files (a
+    90 MB header, a header of three million numbers, a pickle, a named pipe) must get an error naming them while
+    the server keeps answering other requests within a second; queued in a graph they fail with that message."""
+    import json
+    import struct
+    import threading
+
+    folder = os.path.join(server.base, "models", "diffusion_models")
+    big = json.dumps({"__metadata__": {"x": "y" * 90_000_000}}).encode()
+    numbers = b'{"x": [' + b"0," * 3_000_000 + b"0]}"
+    files = {"huge_header.safetensors": struct.pack("<Q", len(big)) + big,
+             "numbers.safetensors": struct.pack("<Q", len(numbers)) + numbers,
+             "disguised_pickle.safetensors": b"\x80\x02}q\x00." + b"\0" * 64}
+    for name, blob in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(blob)
+    os.mkfifo(os.path.join(folder, "pipe.safetensors"))
+    names = [*files, "pipe.safetensors"]
+    try:
+        answers, latencies = {}, []
+        ask = [threading.Thread(target=lambda n=n: answers.__setitem__(n, server.post("/zimage/plan", {"model_name": n})))
+               for n in names]
+        for t in ask:
+            t.start()
+        while any(t.is_alive() for t in ask) or len(latencies) < 5:
+            t0 = time.perf_counter()
+            server.get("/zimage/info")
+            latencies.append(time.perf_counter() - t0)
+        for t in ask:
+            t.join()
+        assert max(latencies) < 1.0, latencies
+        for n in names:
+            assert answers[n]["ok"] is False and n in answers[n]["error"], answers[n]
+        prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+        for n in ("numbers.safetensors", "pipe.safetensors"):
+            bad = copy.deepcopy(prompt)
+            for node in bad.values():
+                if node["class_type"] == "ZImageModelLoader":
+                    node["inputs"]["model_name"] = n
+            entry = server.wait(server.queue(bad))
+            err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+            assert entry["status"]["status_str"] == "error" and n in err["exception_message"], err
+    finally:
+        for n in names:
+            os.remove(os.path.join(folder, n))

@@ -217,7 +217,8 @@ function onPlan(e) {
     const name = String(widget(node, "model_name")?.value ?? "").replace(/\/$/, "");
     if (name.split("/").pop() !== d.model) continue;
     const text = d.plan ? d.plan.text : `loaded on ${d.device}: weights in system memory`;
-    setStatus(node.zimagePlan, `confirmed after load: ${text}`);
+    const notes = d.plan?.notes?.length ? `\n${d.plan.notes.join("; ")}` : "";
+    setStatus(node.zimagePlan, `confirmed after load: ${text}${notes}`, Boolean(notes));
   }
 }
 

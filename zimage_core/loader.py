@@ -147,3 +147,11 @@ def fill_module(
             files.release(k)
         if on_tensor:
             on_tensor(name)
+
+
+def first_nonfinite(module: nn.Module) -> str | None:
+    """The name of the first parameter holding NaN/inf (weights broken in their file), or None; for error paths."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p.float() if p.dtype in FP8_DTYPES else p).all():
+            return name
+    return None

@@ -58,7 +58,8 @@ BIAS_PARAMS = ("diff_b", "b_norm")
 DOWN = {"lora_A.default.weight", "lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A"}
 UP = {"lora_B.default.weight", "lora_B.weight", "lora_up.weight", "lora.up.weight", "lora_B"}
 OTHER_MODELS = [
-    (("double_blocks", "single_blocks"), "FLUX.1"), (("single_transformer_blocks",), "FLUX.1 (diffusers names)"),
+    (("double_blocks", "single_blocks"), "FLUX.1"),
+    (("single_transformer_blocks", "ff_context", "norm1_context"), "FLUX.1 (diffusers names)"),
     (("img_mod", "txt_mod", "img_mlp"), "Qwen-Image"), (("input_blocks", "output_blocks"), "SD 1.x / SDXL"),
     (("down_blocks", "up_blocks", "mid_block"), "SD 1.x / SDXL (diffusers names)"), (("lora_te",), "an SD text encoder"),
     (("joint_blocks",), "SD3"), (("self_attn_q", "cross_attn"), "Wan"), (("text_model",), "CLIP"),
@@ -239,6 +240,10 @@ def read_lora(path: str, model) -> LoraFile:
     if not deltas:
         raise ZImageError(f"{files.path}: its keys name Z-Image layers but hold no weight changes (e.g. "
                           f"{', '.join(list(files.keys())[:3])}); the file is incomplete or not an adapter.")
+    broken = next((d for d in deltas if not all(torch.isfinite(t).all() for t in (d.up, d.down) if t is not None)), None)
+    if broken is not None:
+        raise ZImageError(f"{files.path}: its weight change for {broken.target} holds NaN/inf; the adapter is broken "
+                          "(a failed training run or a damaged download).")
     if all(not (d.up.any() and (d.down is None or d.down.any())) for d in deltas):
         raise ZImageError(f"{files.path}: every weight change in it is zero (an untrained or emptied adapter); "
                           "it would change nothing.")
@@ -323,13 +328,14 @@ def _deltas(files, alias: str, parts: dict[str, str], target: str, rows, module,
             raise ZImageError(f"{files.path}: {parts[up_key]} {list(su)} and {parts[down_key]} {list(sd)} "
                               "do not form a low-rank pair (rank mismatch).")
         if (su[0], sd[1]) != shape:
+            lumina = " (2304 wide: a Lumina-Image 2.0 LoRA)" if 2304 in (su[0], sd[1]) else ""
             raise ZImageError(f"{files.path}: {parts[down_key]} gives a {su[0]}×{sd[1]} update but "
-                              f"{alias} is {'×'.join(map(str, shape))}; the LoRA was made for a different model size.")
+                              f"{alias} is {'×'.join(map(str, shape))}; the LoRA was made for a different model size{lumina}.")
         rank = sd[0]
         if alpha is not None:
             scale = alpha / rank
         elif peft is not None:
-            scale = _peft_scale(peft, _diffusers_name(alias), rank)
+            scale = _peft_scale(peft, alias, rank)
         else:
             scale = 1.0
         out.append(Delta(target, rows, "lora", get(up_key), get(down_key), scale))
@@ -343,11 +349,6 @@ def _deltas(files, alias: str, parts: dict[str, str], target: str, rows, module,
                                   f"{list(shape)} for {alias}.")
             out.append(Delta(target, rows, "full", get(full_key), None, 1.0))
     return out
-
-
-def _diffusers_name(alias: str) -> str:
-    """The diffusers module name PEFT patterns are written against (underscored aliases become dotted)."""
-    return alias if "." in alias else re.sub(r"_(\d+)_", r".\1.", alias)
 
 
 def _lycoris(files, alias, parts, shape, alpha, need, shape_of, get):

@@ -39,16 +39,21 @@ def layer_configs(files, wanted: set[str] | None = None, check: bool = True) -> 
     meta = files.metadata.get("_quantization_metadata")
     if meta:
         try:
-            out.update({layer: dict(conf) for layer, conf in json.loads(meta).get("layers", {}).items()})
-        except (ValueError, AttributeError, TypeError):
+            out.update({layer: conf for layer, conf in json.loads(meta).get("layers", {}).items()})
+        except (ValueError, AttributeError, TypeError, RecursionError):
             raise ZImageError(f"{files.path}: unreadable _quantization_metadata in the file header.") from None
     for k in files.keys():
         if k.endswith(".comfy_quant") and (wanted is None or k[: -len(".comfy_quant")] in wanted):
             try:
+                if files.nbytes(k) > 65536 or files.dtype(k) != torch.uint8:
+                    raise ValueError("not a small uint8 JSON blob")
                 out[k[: -len(".comfy_quant")]] = read_config(files.get(k))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ZImageError(f"{files.path}: unreadable quantisation config {k}.") from None
     for layer, conf in out.items():
+        if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
+            raise ZImageError(f"{files.path}: the quantisation config of layer {layer} is not a {{\"format\": …}} "
+                              "object; the file is damaged or hand-edited. Download it again.")
         if check and conf.get("format") not in FORMAT_KEYS and (wanted is None or layer in wanted):
             raise ZImageError(
                 f"{files.path}: layer {layer} uses quantisation format {conf.get('format')!r}, which this pack does not "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 
@@ -39,7 +40,7 @@ DTYPES = {k: t for k, (_, t) in _FORMAT.items() if t is not None and k in (  # F
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER = 100_000_000  # the official parser's limit (safetensors/src/tensor.rs MAX_HEADER_SIZE)
-MAX_VALUES = 2_000_000  # JSON separators in a header (~8 a tensor): bounds the parse time of a crafted header
+MAX_VALUES = 1_000_000  # JSON separators in a header (~8 a tensor): bounds the parse time of a crafted header
 MAX_NDIM, MAX_DIM = 16, 2**48
 
 
@@ -74,14 +75,15 @@ def _int(v) -> bool:
     return type(v) is int  # not bool, not float
 
 
-def check_layout(path: str, entries: dict[str, tuple[int, list, list]], data_size: int, *, contiguous: bool = True) -> None:
-    """Validate a tensor table: name → (bits per element, shape, [begin, end]) within a data area of
-    ``data_size`` bytes. Shapes are bounded integers, each byte range matches its dtype × shape, ranges never
-    overlap and, with ``contiguous`` (safetensors), tile the data area exactly."""
+def check_layout(path: str, entries: dict[str, tuple[int | tuple[int, int], list, list]], data_size: int, *,
+                 contiguous: bool = True) -> None:
+    """Validate a tensor table: name → (bits per element, or (elements, bytes) per block for block-quantised types
+    such as GGUF's; shape; [begin, end]) within a data area of ``data_size`` bytes. Shapes are bounded integers,
+    each byte range matches its type × shape, ranges never overlap and, with ``contiguous`` (safetensors), tile
+    the data area exactly."""
 
     def bad(name, why):
-        return ZImageError(f"{path}: tensor {name!r} {why}; the file is corrupt or was not written by a safetensors "
-                           "writer. Download it again.")
+        return ZImageError(f"{path}: tensor {name!r} {why}; the file is corrupt or was edited. Download it again.")
 
     spans = []
     for name, (bits, shape, offsets) in entries.items():
@@ -93,9 +95,14 @@ def check_layout(path: str, entries: dict[str, tuple[int, list, list]], data_siz
         numel = 1
         for s in shape:
             numel *= s
-        nbits = numel * bits
+        if isinstance(bits, tuple):  # (elements, bytes) per block: a partial block is as wrong as a wrong size
+            per, block_bytes = bits
+            nbits = numel // per * block_bytes * 8 if numel % per == 0 else -8
+        else:
+            nbits = numel * bits
         if nbits % 8 or not 0 <= begin <= end or end - begin != nbits // 8:
-            raise bad(name, f"claims bytes {begin}..{end} but shape {shape} needs {nbits / 8:g}")
+            need = f"needs {nbits / 8:g}" if nbits >= 0 else f"is not a whole number of {bits[0]}-element blocks"
+            raise bad(name, f"claims bytes {begin}..{end} but shape {shape} {need}")
         spans.append((begin, end, name))
     spans.sort()
     pos, prev = 0, None
@@ -118,11 +125,13 @@ def check_layout(path: str, entries: dict[str, tuple[int, list, list]], data_siz
 def read_header(path: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...], int, int]], int, tuple]:
     """(metadata, name → (dtype name, shape, begin, end), data start, file identity), all checked."""
     try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            raise ZImageError(f"{path} is a folder, not a .safetensors file.")
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise ZImageError(f"{path} is not a regular file (a pipe, socket or device); point to the weights file itself.")
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise ZImageError(f"{path}: file not found.") from None
-    except IsADirectoryError:
-        raise ZImageError(f"{path} is a folder, not a .safetensors file.") from None
     except OSError as e:
         raise ZImageError(f"{path}: cannot be read ({e.strerror}).") from None
     try:
