@@ -72,7 +72,7 @@ class ZImagePatcher(ModelPatcher):
         else:
             self.streamer.replan(plan)
         self.last_plan = plan
-        log.info("Z-Image %s: %s", type(self.model).__name__, plan.describe())
+        (log.warning if plan.shortfall else log.info)("Z-Image %s: %s", type(self.model).__name__, plan.describe())
         return self.loaded_size() - before
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)

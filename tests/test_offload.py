@@ -139,3 +139,57 @@ def test_text_encoder_streams_by_layers_with_the_embedding_on_the_host(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert st.ledger.peak <= plan.buffer_bytes
     st.detach()
+
+
+def test_the_next_forward_releases_what_an_interrupted_one_left_in_flight(path, reference):
+    """offload() + sample() callers (no node around them): the copies an interrupt leaves in flight are released
+    when the next forward starts, so even that forward never holds more than the plan's blocks in flight."""
+    model = load(path)
+    plan = plans(model)["half"]
+    st = BlockStreamer(model, plan).attach()
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with pytest.raises(zc.ZImageInterrupted):
+        zc.sample(model, torch.randn(2, 16, 8, 8), inputs()[2], sigmas=zc.sigmas(3), cancel=cancel)
+    assert st.inflight  # the interrupted forward had copies on their way
+    st.ledger.peak = st.ledger.now
+    with torch.inference_mode():
+        assert torch.equal(model(*inputs()), reference)
+    assert st.ledger.peak <= plan.fixed_bytes + plan.resident_bytes + plan.buffer_bytes
+
+
+def test_blocks_a_forward_skips_are_never_prefetched(tmp_path):
+    """An Omni model's SigLIP refiners run only with SigLIP features: a plain forward must not copy them in."""
+    model = load(save_comfyui(diffusers_transformer(seed=3, siglip_feat_dim=24), str(tmp_path / "omni.safetensors")))
+    plan = plan_offload(model, mode="min_vram", device="cpu")
+    st = BlockStreamer(model, plan).attach()
+    siglip = {st.index[id(b)] for b in model.siglip_refiner}
+    copied = []
+    prefetch = st._prefetch
+    st._prefetch = lambda i: (copied.append(i) if i not in st.inflight else None, prefetch(i))[1]
+    with torch.inference_mode():
+        for _ in range(2):
+            model(*inputs())
+    assert copied and not siglip & set(copied), (siglip, copied)
+    assert st.ledger.peak <= plan.fixed_bytes + plan.resident_bytes + plan.buffer_bytes
+
+
+def test_fp8_scales_outside_the_blocks_are_in_the_plan(path, caplog):
+    model = load(path, storage_dtype=torch.float8_e4m3fn)
+    plan = plan_offload(model, mode="min_vram", device="cpu")
+    st = BlockStreamer(model, plan).attach()
+    assert model.x_embedder.weight_scale is not None
+    assert st.ledger.now == plan.fixed_bytes  # what attach placed (weights and their scales) is what the plan counts
+    st.detach()
+    import logging
+
+    from zimage_core.offload import offload
+
+    with caplog.at_level(logging.WARNING, logger="zimage"):
+        st = offload(model, mode="budget", budget_gb=1e-6, device="cpu")
+    st.detach()
+    assert st.plan.shortfall > 0 and "below the minimum" in caplog.text  # a warning the CLI prints, not an INFO line

@@ -35,6 +35,9 @@ class Executor:
 
     device: torch.device | None = None
 
+    def begin(self, blocks: Sequence[nn.Module]) -> None:  # noqa: ARG002 (a streamer plans its copies)
+        """A forward call starts and will run exactly ``blocks``, in this order."""
+
     def run(self, block: nn.Module, fn: Callable, *args):  # noqa: ARG002 (a streamer places ``block``)
         """Run ``fn(*args)`` — ``block``'s computation — with ``block``'s weights where compute happens."""
         return fn(*args)

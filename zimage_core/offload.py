@@ -68,6 +68,7 @@ class OffloadPlan:
     activation_bytes: int
     prefetch: int = 2
     notes: list[str] = field(default_factory=list)
+    shortfall: int = 0  # bytes the budget lacks for the smallest plan (fixed modules, activations, blocks in flight)
 
     @property
     def peak_bytes(self) -> int:
@@ -111,10 +112,7 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
         raise ZImageError(f"unknown offload mode {mode!r}; choose one of {', '.join(MODES)}.")
     blocks = model.blocks()
     sizes = [module_bytes(b) for b in blocks]
-    hosts = getattr(model, "host_modules", list)()
-    skip = {id(p) for m in [*blocks, *hosts] for p in m.parameters()} | {id(m) for b in [*blocks, *hosts] for m in b.modules()}
-    fixed = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in skip)
-    fixed += sum(tensor_bytes(_packed(m)) for m in model.modules() if id(m) not in skip)
+    fixed = sum(_bytes(_get(*slot)) for slot in fixed_slots(model, blocks))  # packed weights, fp8 scales, buffers
     total = sum(sizes)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     notes: list[str] = []
@@ -122,6 +120,7 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
     n = len(blocks)
     if mode == "resident" or (mode == "auto" and free_bytes is None):
         return OffloadPlan(mode, dev, budget, list(range(n)), [], fixed, total, 0, 0, activations, 0)
+    shortfall = 0
     if mode == "min_vram":
         cap, prefetch, resident = None, 1, []
     else:
@@ -135,9 +134,11 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
             prefetch = 1
             room = cap - fixed - activations - 2 * biggest
             notes.append("prefetch lowered to 1 to fit the budget")
+        shortfall = max(0, -room)
         if room < 0:
             notes.append(f"the budget of {cap / GB:.2f} GB is below the minimum of about "
-                         f"{(fixed + activations + 2 * biggest) / GB:.2f} GB (fixed modules, activations, two blocks in flight)")
+                         f"{(fixed + activations + 2 * biggest) / GB:.2f} GB (fixed modules, activations, two blocks in "
+                         "flight): this plan needs more than the budget, and may run out of memory")
         k = 0
         while k < n and sum(sizes[i] for i in spread(n, k + 1)) <= room:
             k += 1
@@ -146,7 +147,7 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
     res_bytes = sum(sizes[i] for i in resident)
     buf = (prefetch + 1) * max((sizes[i] for i in streamed), default=0) if streamed else 0
     return OffloadPlan(mode, dev, cap, resident, streamed, fixed, res_bytes, sum(sizes[i] for i in streamed), buf,
-                       activations, prefetch, notes)
+                       activations, prefetch, notes, shortfall)
 
 
 class Ledger:
@@ -185,6 +186,15 @@ def _slots(module: nn.Module, recurse: bool = True):
             yield m, "weight_scale", "attr"
         if getattr(m, "patches", None):
             yield m, "patches", "attr"
+
+
+def fixed_slots(model, blocks):
+    """The slots of everything outside the streamed blocks and the host-only modules: always on the device."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    inside |= {id(m) for h in getattr(model, "host_modules", list)() for m in h.modules()}
+    for m in model.modules():
+        if id(m) not in inside:
+            yield from _slots(m, recurse=False)
 
 
 def _get(m, name, kind):
@@ -251,17 +261,14 @@ class BlockStreamer(Executor):
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.cyclic = cyclic  # prefetch the first streamed blocks of the next call while the last ones run
         self.inflight: dict[int, tuple[list, object]] = {}
+        self.order: list[int] | None = None  # the streamed blocks the current forward runs, in order
+        self.finished = True  # the last forward ran its last streamed block (else its copies are stale)
         self.host: dict[int, list] = {}  # streamed block → its host tensors, in slot order
         self.copied_bytes = 0
         self.attached = False
 
     def _fixed_slots(self):
-        inside = {id(m) for b in self.blocks for m in b.modules()}
-        hosts = getattr(self.model, "host_modules", list)()
-        inside |= {id(m) for h in hosts for m in h.modules()}
-        for m in self.model.modules():
-            if id(m) not in inside:
-                yield from _slots(m, recurse=False)
+        return fixed_slots(self.model, self.blocks)
 
     def _place(self, slots) -> None:
         for m, n, k in slots:
@@ -325,8 +332,18 @@ class BlockStreamer(Executor):
         return self.ledger.now
 
     # ---- streaming --------------------------------------------------------------------------------
+    def begin(self, blocks) -> None:
+        """A forward starts: only the blocks it runs are prefetched, and copies an interrupted forward left in
+        flight (or prefetched for blocks this one skips, such as an Omni model's SigLIP refiners) are released
+        first, so the device never holds more than the plan's blocks in flight."""
+        order = [i for i in (self.index.get(id(b)) for b in blocks) if i is not None and i in self.host]
+        keep = set(order[: self.plan.prefetch + 1]) if self.finished and self.cyclic else set()
+        for i in [i for i in self.inflight if i not in keep]:
+            self._release(i)
+        self.order, self.finished = order, not order
+
     def _prefetch(self, i: int) -> None:
-        if i in self.inflight or i not in self.host:
+        if i in self.inflight or i not in self.host or len(self.inflight) > self.plan.prefetch:
             return
         if self.cuda:
             # No wait on the compute stream: the host copies are never written, and the device memory a copy
@@ -354,12 +371,15 @@ class BlockStreamer(Executor):
         i = self.index.get(id(block))
         if i is None or i not in self.host:
             return fn(*args)
-        order = self.plan.streamed
+        order = self.order if self.order is not None and i in self.order else self.plan.streamed
         pos = order.index(i)
         ahead = (order + order)[pos : pos + 1 + self.plan.prefetch] if self.cyclic else order[pos : pos + 1 + self.plan.prefetch]
         for j in ahead:
             self._prefetch(j)
+        while i not in self.inflight:  # blocks run out of the announced order: make room for this one
+            self._release(next(iter(self.inflight))) if len(self.inflight) > self.plan.prefetch else self._prefetch(i)
         dev, ev = self.inflight[i]
+        self.finished = pos == len(order) - 1
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
         slots = list(_slots(block))
@@ -388,5 +408,5 @@ def offload(model, *, mode: str = "auto", budget_gb: float | None = None, device
         free = torch.cuda.mem_get_info(dev)[0] - 512 * 1024**2
     plan = plan_offload(model, mode=mode, budget=None if budget_gb is None else int(budget_gb * GB), free_bytes=free,
                         activations=acts, prefetch=prefetch, device=dev)
-    log.info("Z-Image offload plan: %s", plan.describe())
+    (log.warning if plan.shortfall else log.info)("Z-Image offload plan: %s", plan.describe())
     return BlockStreamer(model, plan, ledger).attach()

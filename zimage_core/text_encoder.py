@@ -140,6 +140,7 @@ class Qwen3PromptEncoder(nn.Module):
         ids = ids.to(dev)
         h = self.embed_tokens(ids, self.compute_dtype).to(dev)
         cos, sin = self.rope(ids.shape[1], dev)
+        self.executor.begin(self.layers)
         for layer in self.layers:
             h = self.executor.run(layer, layer, h, cos, sin)
         return h

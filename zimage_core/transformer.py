@@ -335,6 +335,7 @@ class ZImageTransformer(nn.Module):
         ``targets``: per sample (offset in its image run, tokens, H, W) of the image to predict."""
         run = run or BlockRun()
         stages = {"image": "noise_refiner", "caption": "context_refiner", "siglip": "siglip_refiner"}
+        self.executor.begin([b for kind in runs for b in getattr(self, stages[kind])] + list(self.layers))
         refined = {}
         for kind, tok in runs.items():
             p = pack(tok, self.cfg.axes_dims, self.cfg.rope_theta)
