@@ -208,12 +208,18 @@ def test_bad_input_messages(ours, caplog):
     assert rel_err(lat, lat1) < 1e-5
 
 
-def test_nan_names_the_step(ours):
+def test_nan_names_the_step_and_the_cause(ours):
     dit = ours.transformer
     bias = dit.final_layer.linear.bias
-    try:
+    caps = ours.encode_prompts(["x"])
+    try:  # broken weights: the file is named, no dtype advice
         dit.final_layer.linear.bias = torch.nn.Parameter(torch.full_like(bias, float("inf")), requires_grad=False)
-        with pytest.raises(zc.ZImageError, match="NaN/inf appeared in the latents at step 1 of 2.*bf16 or fp32"):
-            zc.sample(dit, zc.comfy_noise((1, 16, 6, 8), 0), ours.encode_prompts(["x"]), sigmas=zc.sigmas(2))
+        with pytest.raises(zc.ZImageError, match=r"in the latents at step 1 of 2: weight final_layer.linear.bias of "
+                                                 r".*\.safetensors holds NaN/inf.*no dtype setting fixes it"):
+            zc.sample(dit, zc.comfy_noise((1, 16, 6, 8), 0), caps, sigmas=zc.sigmas(2))
     finally:
         dit.final_layer.linear.bias = bias
+    noise = zc.comfy_noise((1, 16, 6, 8), 0)
+    noise[0, 0, 0, 0] = float("inf")  # finite weights, a broken input: no advice to change a dtype it already has
+    with pytest.raises(zc.ZImageError, match=r"at step 1 of 2 while computing in float32\. The weights are finite"):
+        zc.sample(dit, noise, caps, sigmas=zc.sigmas(2))

@@ -155,3 +155,18 @@ def first_nonfinite(module: nn.Module) -> str | None:
         if p.is_floating_point() and not torch.isfinite(p.float() if p.dtype in FP8_DTYPES else p).all():
             return name
     return None
+
+
+def nonfinite_error(model: nn.Module, where: str) -> ZImageError:
+    """Why NaN/inf appeared ``where`` in a run: broken weights in the model's file (named), or an overflow of the
+    compute dtype (fp16: run in bf16), or out-of-range inputs."""
+    bad = first_nonfinite(model)
+    if bad is not None:
+        src = getattr(model, "source_path", None) or "the model file"
+        return ZImageError(f"NaN/inf appeared {where}: weight {bad} of {src} holds NaN/inf, so that file (or a LoRA "
+                           "merged into it) is broken. Download it again or use another file; no dtype setting fixes it.")
+    dtype = getattr(model, "compute_dtype", None)
+    fix = ("fp16 overflows on Z-Image: run it in bf16 (or fp32)." if dtype == torch.float16 else
+           "The weights are finite, so an input (latents, conditioning, a LoRA at a high strength) is out of range; "
+           "check them, or run in fp32.")
+    return ZImageError(f"NaN/inf appeared {where} while computing in {str(dtype).replace('torch.', '')}. {fix}")

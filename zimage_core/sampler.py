@@ -18,6 +18,7 @@ import torch
 from .blocks import BlockRun
 from .controlnet import Control, control_hooks
 from .errors import ZImageError, ZImageInterrupted
+from .loader import nonfinite_error
 from .schedule import model_time, percent_to_sigma
 
 log = logging.getLogger("zimage")
@@ -212,10 +213,7 @@ def sample(
             proper = init if i == n - 1 else s_next * noise + (1.0 - s_next) * init
             x = (1 - mask) * proper + mask * x
         if not torch.isfinite(x).all():
-            raise ZImageError(
-                f"NaN/inf appeared in the latents at step {i + 1} of {n}: the model overflowed in "
-                f"{str(model.compute_dtype).replace('torch.', '')}. Run it in bf16 or fp32 (fp16 overflows on Z-Image)."
-            )
+            raise nonfinite_error(model, f"in the latents at step {i + 1} of {n}")
         if callback is not None:
             callback(Step(i, n, float(sig[i]), x, x_prev + s * pred))
     return x
