@@ -99,7 +99,7 @@ def fake(keys_shapes):
           "model.layers.0.mlp.gate_proj.weight": (8, 8), "model.embed_tokens.weight": (100, 8)}, "text encoder"),
         ({"encoder.down.0.block.0.conv1.weight": (4, 4, 3, 3), "decoder.up.0.block.0.conv1.weight": (4, 4, 3, 3),
           "decoder.conv_in.weight": (8, 16, 3, 3)}, "VAE"),
-        ({"something.else": (3,)}, "unknown"),
+        ({"something.else": (3,)}, "no model family"),
     ],
 )
 def test_wrong_model_is_named(tmp_path, tensors, expected):
