@@ -136,6 +136,17 @@ def test_every_dialect_gives_the_same_weights(path, deltas, tmp_path, dialect):
         assert torch.allclose(v, want[k], atol=1e-6, rtol=1e-5), k
 
 
+def _forward_pair(theirs, ours, path):
+    """(error of ours against diffusers, distance of the base model from diffusers) on one forward."""
+    g = torch.Generator().manual_seed(0)
+    x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4]), [torch.randn(11, 32, generator=g)]
+    with torch.no_grad():
+        r = theirs(list(x.unsqueeze(2)), t, cap, return_dict=False)[0][0].squeeze(1)
+        o = ours(x, t, cap)[0]
+        base = load(path)(x, t, cap)[0]
+    return rel_err(o, r), rel_err(base, r)
+
+
 def test_equals_diffusers_load_lora_weights(path, deltas, tmp_path):
     from diffusers import ZImagePipeline
 
@@ -145,13 +156,8 @@ def test_equals_diffusers_load_lora_weights(path, deltas, tmp_path):
     pipe.load_lora_weights(lora_path, adapter_name="style")
     ours = load(path)
     apply_lora_specs(ours, [f"{lora_path}:1.0"])
-    g = torch.Generator().manual_seed(0)
-    x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4]), [torch.randn(11, 32, generator=g)]
-    with torch.no_grad():
-        r = theirs(list(x.unsqueeze(2)), t, cap, return_dict=False)[0][0].squeeze(1)
-        o = ours(x, t, cap)[0]
-        base = load(path)(x, t, cap)[0]
-    assert rel_err(o, r) < 2e-6 and rel_err(base, r) > 1e-3  # the LoRA did something, and the same thing
+    err, moved = _forward_pair(theirs, ours, path)
+    assert err < 2e-6 and moved > 1e-3  # the LoRA did something, and the same thing
 
 
 def test_merged_and_runtime_agree_and_removal_is_exact(path, deltas, tmp_path):
@@ -264,16 +270,6 @@ def test_bad_loras_are_named(path, deltas, tmp_path):
                                                     "text_encoder.layers.0.q.lora_A.weight": torch.zeros(2, 2)})
     lf = read_lora(write(tmp_path, "partial.safetensors", partial), m)
     assert len(lf.unmatched) == 2 and "2 keys matched nothing" in lf.summary()
-
-
-def _forward_pair(theirs, ours, path):
-    g = torch.Generator().manual_seed(0)
-    x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4]), [torch.randn(11, 32, generator=g)]
-    with torch.no_grad():
-        r = theirs(list(x.unsqueeze(2)), t, cap, return_dict=False)[0][0].squeeze(1)
-        o = ours(x, t, cap)[0]
-        base = load(path)(x, t, cap)[0]
-    return rel_err(o, r), rel_err(base, r)
 
 
 def test_fused_and_split_twins_apply_once_like_diffusers(path, deltas, tmp_path):

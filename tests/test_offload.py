@@ -80,7 +80,8 @@ def test_plan_arithmetic(path):
         assert plan.peak_bytes == plan.fixed_bytes + plan.resident_bytes + plan.buffer_bytes + plan.activation_bytes
 
 
-def test_interrupt_leaves_blocks_where_the_plan_keeps_them(path, reference):
+def interrupted(path, at: int):
+    """A model streamed under the 'half' plan whose sampling was cancelled before its ``at``-th block."""
     model = load(path)
     plan = plans(model)["half"]
     st = BlockStreamer(model, plan).attach()
@@ -88,10 +89,15 @@ def test_interrupt_leaves_blocks_where_the_plan_keeps_them(path, reference):
 
     def cancel():
         calls["n"] += 1
-        return calls["n"] == 7  # inside the first step, between blocks
+        return calls["n"] == at
 
     with pytest.raises(zc.ZImageInterrupted):
         zc.sample(model, torch.randn(1, 16, 8, 8), [torch.randn(9, 32)], sigmas=zc.sigmas(3), cancel=cancel)
+    return model, plan, st
+
+
+def test_interrupt_leaves_blocks_where_the_plan_keeps_them(path, reference):
+    model, plan, st = interrupted(path, 7)  # inside the first step, between blocks
     for i, blk in enumerate(model.blocks()):
         w = blk.feed_forward.w1.weight
         if i in plan.streamed:
@@ -144,17 +150,7 @@ def test_text_encoder_streams_by_layers_with_the_embedding_on_the_host(tmp_path,
 def test_the_next_forward_releases_what_an_interrupted_one_left_in_flight(path, reference):
     """offload() + sample() callers (no node around them): the copies an interrupt leaves in flight are released
     when the next forward starts, so even that forward never holds more than the plan's blocks in flight."""
-    model = load(path)
-    plan = plans(model)["half"]
-    st = BlockStreamer(model, plan).attach()
-    calls = {"n": 0}
-
-    def cancel():
-        calls["n"] += 1
-        return calls["n"] == 5
-
-    with pytest.raises(zc.ZImageInterrupted):
-        zc.sample(model, torch.randn(2, 16, 8, 8), inputs()[2], sigmas=zc.sigmas(3), cancel=cancel)
+    model, plan, st = interrupted(path, 5)
     assert st.inflight  # the interrupted forward had copies on their way
     st.ledger.peak = st.ledger.now
     with torch.inference_mode():
