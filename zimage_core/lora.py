@@ -38,6 +38,7 @@ from .detect import describe
 from .errors import ZImageError
 from .layers import Linear
 from .layouts import WRAPPER_PREFIXES, diffusers_names
+from .packed import Packed
 from .safetensors_io import open_weights
 
 log = logging.getLogger("zimage")
@@ -107,7 +108,7 @@ def _aliases(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
     out: dict[str, tuple[str, tuple[int, int] | None]] = {}
     dim = model.cfg.dim
     for name, m in model.named_modules():
-        if not name or not any(p is not None for p in m._parameters.values()):
+        if not name or not (any(p is not None for p in m._parameters.values()) or isinstance(m.__dict__.get("weight"), Packed)):
             continue
         for n, part in [(name, None), *diffusers_names(name)]:
             rows = None if part is None else (part * dim, (part + 1) * dim)
