@@ -17,10 +17,14 @@ import struct
 import subprocess
 import sys
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 from safetensors.torch import save as st_save
 from tiny import bfl_vae_state_dict, comfyui_state_dict, diffusers_transformer, tiny_qwen, tiny_vae
+from tiny_gguf import DIT_TYPES, quantise_state_dict, save_qwen_gguf, write_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_LIMIT = 3 << 30  # address space; importing torch takes ~0.8 GB of it
@@ -125,12 +129,59 @@ def lora_pair(name, rank, out_f, in_f, prefix="diffusion_model."):
             f"{prefix}{name}.lora_B.weight": torch.randn(out_f, rank, generator=g)}
 
 
+class GGUFBytes:
+    """A GGUF file's bytes, written by gguf-py's ``GGUFWriter`` as the real converters do (city96/ComfyUI-GGUF
+    tools/convert.py, llama.cpp convert_hf_to_gguf.py; see tiny_gguf.py), with in-place edits of one tensor-info
+    record, laid out as gguf-py ``gguf_reader.py`` ``_get_tensor_info_field`` reads it: name length (u64), name,
+    dimension count (u32), dimensions (u64 each, fastest first), GGML type (u32), offset into the data area (u64)."""
+
+    def __init__(self, path: str):
+        self.blob = open(path, "rb").read()
+        r = gguf.GGUFReader(path)
+        self.info = {t.name: (t.field.offset, len(t.shape), t.data_offset - r.data_offset) for t in r.tensors}
+
+    def patch(self, name: str, *, dims=None, qtype=None, offset=None, name_byte=None) -> bytes:
+        pos, n, _ = self.info[name]
+        b = bytearray(self.blob)
+        at = pos + 8 + len(name.encode()) + 4  # the dimensions
+        if name_byte is not None:
+            b[pos + 8] = name_byte
+        if dims is not None:
+            b[at:at + 8 * n] = struct.pack(f"<{n}Q", *dims)
+        if qtype is not None:
+            b[at + 8 * n:at + 8 * n + 4] = struct.pack("<I", qtype)
+        if offset is not None:
+            b[at + 8 * n + 4:at + 8 * n + 12] = struct.pack("<Q", offset)
+        return bytes(b)
+
+
+def gguf_head(n_tensors: int, n_fields: int, version: int = 3) -> bytes:
+    """A GGUF header's fixed part (ggml docs/gguf.md: magic, version u32, tensor count u64, field count u64)."""
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_fields)
+
+
+def gguf_string(s: str) -> bytes:
+    return struct.pack("<Q", len(s)) + s.encode()
+
+
 @pytest.fixture(scope="module")
-def bases():
+def bases(tmp_path_factory):
     dit = comfyui_state_dict(diffusers_transformer(seed=1).state_dict())
-    te = {"model." + k: v.contiguous() for k, v in tiny_qwen(0, layers=2).state_dict().items()}
+    qwen = tiny_qwen(0, layers=2)
+    te = {"model." + k: v.contiguous() for k, v in qwen.state_dict().items()}
     vae = bfl_vae_state_dict(tiny_vae(0).state_dict())
-    return {"dit": dit, "te": te, "vae": vae}
+    tmp = tmp_path_factory.mktemp("gguf")
+    tensors, _ = quantise_state_dict(dit, 0, DIT_TYPES)
+    g_dit = GGUFBytes(write_gguf(tmp / "dit.gguf", "lumina2", tensors))
+    save_qwen_gguf(qwen, str(tmp / "te.gguf"), str(tmp / "te-truth.safetensors"))
+    save_qwen_gguf(qwen, str(tmp / "te-rope.gguf"), str(tmp / "te-truth.safetensors"), meta={"add_rope_freq_base": (-5.0,)})
+    flux = {"double_blocks.0.img_attn.qkv.weight": (np.ones((8, 32), np.float32), QT.F32),
+            "single_blocks.0.linear1.weight": (np.ones((8, 32), np.float32), QT.F32)}
+    return {"dit": dit, "te": te, "vae": vae, "gguf_dit": g_dit, "gguf_te": open(tmp / "te.gguf", "rb").read(),
+            "gguf_te_rope": open(tmp / "te-rope.gguf", "rb").read(),
+            "gguf_orig_shape": open(write_gguf(tmp / "odd.gguf", "lumina2", tensors, {"add_array": (
+                "comfy.gguf.orig_shape.x_embedder.weight", [3, 5])}), "rb").read(),
+            "gguf_flux": open(write_gguf(tmp / "flux.gguf", "flux", flux), "rb").read()}
 
 
 def bad_cases(b) -> list[tuple[str, str, object, str]]:
@@ -192,7 +243,7 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
         ("pickle-protocol-2", "dit", b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01u.", "never unpickled"),
         ("pickle-protocol-4", "dit", b"\x80\x04\x95" + b"\0" * 40, "never unpickled"),
         ("torch-zip", "dit", b"PK\x03\x04\x14\x00\x08\x08" + b"\0" * 100, "zip/pickle checkpoint"),
-        ("gguf-magic", "dit", b"GGUF\x03\x00\x00\x00" + b"\0" * 100, "GGUF"),
+        ("gguf-magic", "dit", b"GGUF\x03\x00\x00\x00" + b"\0" * 100, "claims 0 tensors"),
         ("random-bytes", "dit", bytes(range(256)) * 4, "not a valid safetensors"),
         ("a-fifo", "dit", ("fifo",), "not a regular file"),
         ("link-to-dev-zero", "dit", ("link", "/dev/zero"), "not a regular file"),
@@ -230,12 +281,18 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
          "fp8 scale"),
         ("dit-unsupported-storage", "dit", st_save(put(dit, **{w: dit[w].to(torch.uint16)})), "storage type"),
         ("dit-unknown-quant-format", "dit", st_save(dit, metadata={"_quantization_metadata": json.dumps(
-            {"layers": {"layers.0.attention.out": {"format": "nvfp4"}}})}), "nvfp4"),
+            {"layers": {"layers.0.attention.out": {"format": "nvfp9"}}})}), "nvfp9"),
         ("dit-comfy-quant-not-object", "dit", st_save(put(dit, **{"layers.0.attention.out.comfy_quant": torch.tensor(
-            list(b"[1, 2]"), dtype=torch.uint8)})), "unreadable quantisation config"),
+            list(b"[1, 2]"), dtype=torch.uint8)})), "quantisation config"),
         ("dit-comfy-quant-float", "dit", st_save(put(dit, **{"layers.0.attention.out.comfy_quant": torch.ones(8)})),
          "unreadable quantisation config"),
         ("dit-broken-quant-metadata", "dit", st_save(dit, metadata={"_quantization_metadata": "{"}), "unreadable"),
+        # -- ComfyUI's packed formats (quant_formats.py: layouts as comfy-kitchen writes them) -----------
+        *[(f"comfy-{cid}", "dit", st_save(put(drop(dit, w), **layer)), why) for cid, layer, why in comfy_layers(w, dim)],
+        ("comfy-metadata-layer-is-string", "dit", st_save(dit, metadata={"_quantization_metadata": json.dumps(
+            {"layers": {"layers.0.attention.out": "nvfp4"}})}), "quantisation config"),
+        # -- GGUF -------------------------------------------------------------------------------------
+        *gguf_cases(b),
         # -- text encoder ----------------------------------------------------------------------------
         ("te-absurd-layer-index", "te", st_save(put(te, **{"model.layers.88888888.input_layernorm.weight": torch.ones(32)})),
          "absurdly large"),
@@ -367,6 +424,78 @@ def bad_cases(b) -> list[tuple[str, str, object, str]]:
     return cases
 
 
+def comfy_quant(fmt: str, **extra) -> torch.Tensor:
+    """A layer's ``comfy_quant`` config tensor: JSON bytes in uint8, as ComfyUI's ``MixedPrecisionOps`` writes it."""
+    return torch.tensor(list(json.dumps({"format": fmt, **extra}).encode()), dtype=torch.uint8)
+
+
+def comfy_layers(w: str, dim: int) -> list[tuple[str, dict, str]]:
+    """One packed layer ``w`` (dim × dim) per case, each wrong in one way (id, tensors, message pattern)."""
+    layer, g = w[: -len(".weight")], torch.Generator().manual_seed(5)
+    u8 = lambda *shape: torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)  # noqa: E731
+    tiles = lambda rows, cols: u8(-(-rows // 128) * 128, -(-cols // 4) * 4).view(torch.float8_e4m3fn)  # noqa: E731
+    nvfp4 = {w: u8(dim, dim // 2), f"{w}_scale": tiles(dim, dim // 16), f"{w}_scale_2": torch.tensor(0.01),
+             f"{layer}.comfy_quant": comfy_quant("nvfp4")}
+    int8 = {w: u8(dim, dim).view(torch.int8), f"{w}_scale": torch.full((dim, 1), 0.01),
+            f"{layer}.comfy_quant": comfy_quant("int8_tensorwise")}
+    w4a8 = {w: u8(dim, dim // 2), f"{w}_s_rel": u8(dim, dim // 16).view(torch.float8_e4m3fn),
+            f"{w}_s_channel": torch.full((dim,), 0.01), f"{layer}.comfy_quant": comfy_quant("asym_w4a8_int8", group_size=16,
+                                                                                         convrot_groupsize=16)}
+    return [
+        ("nvfp4-unswizzled-scales", {**nvfp4, f"{w}_scale": u8(dim, dim // 16).view(torch.float8_e4m3fn)},
+         "weight_scale has shape .*expected"),
+        ("nvfp4-no-second-scale", drop(nvfp4, f"{w}_scale_2"), "has no weight_scale_2"),
+        ("nvfp4-vector-second-scale", {**nvfp4, f"{w}_scale_2": torch.ones(3)}, "weight_scale_2 has shape"),
+        ("nvfp4-bf16-data", {**nvfp4, w: torch.ones(dim, dim // 2, dtype=torch.bfloat16)}, "not a matrix of bytes"),
+        ("int8-scale-of-7", {**int8, f"{w}_scale": torch.ones(7)}, "does not scale"),
+        ("int8-convrot-group-6", {**int8, f"{layer}.comfy_quant": comfy_quant("int8_tensorwise", convrot=True,
+                                                                             convrot_groupsize=6)}, "not a power of 4"),
+        ("int8-group-size-text", {**int8, f"{layer}.comfy_quant": comfy_quant("int8_tensorwise", convrot=True,
+                                                                             convrot_groupsize="big")}, "group size"),
+        ("int8-input-scale-vector", {**int8, f"{layer}.input_scale": torch.ones(dim)}, "input_scale has shape"),
+        ("mxfp8-no-scale", {w: u8(dim, dim).view(torch.float8_e4m3fn), f"{layer}.comfy_quant": comfy_quant("mxfp8")},
+         "has no weight_scale"),
+        ("w4a8-s-rel-transposed", {**w4a8, f"{w}_s_rel": u8(dim // 16, dim).view(torch.float8_e4m3fn)},
+         r"weight_s_rel has shape \[4, 64\], expected \[64, 4\]"),
+        ("w4a8-codebook-of-8", {**w4a8, f"{w}_codebook": torch.ones(8)}, "weight_codebook"),
+    ]
+
+
+def gguf_cases(b) -> list[tuple[str, str, bytes, str]]:
+    """GGUF files damaged or crafted in the ways a broken download, a hand edit or a hostile file would."""
+    g = b["gguf_dit"]
+    q = "layers.0.attention.out.weight"  # a quantised 64×64 matrix
+    other = next(n for n in g.info if n != q)
+    return [
+        ("gguf-truncated-data", "dit", g.blob[:-1000], "truncated: 1,000 bytes are missing"),
+        ("gguf-truncated-header", "dit", g.blob[:200], "not a readable GGUF|truncated"),
+        ("gguf-20-bytes", "dit", g.blob[:20], "truncated GGUF"),
+        ("gguf-2^40-tensors", "dit", gguf_head(1 << 40, 0) + b"\0" * 64, "claims"),
+        ("gguf-2^40-fields", "dit", gguf_head(1, 1 << 40) + b"\0" * 64, "claims"),
+        ("gguf-version-99", "dit", gguf_head(1, 0, version=99) + b"\0" * 64, "not a readable GGUF"),
+        ("gguf-metadata-bomb", "dit", gguf_head(1, 1) + gguf_string("bomb") + struct.pack("<IIQ", 9, 0, 1_100_000)
+         + b"\0" * 1_100_000, "more than 1,000,000 values"),
+        ("gguf-nested-arrays", "dit", gguf_head(1, 1) + gguf_string("deep") + struct.pack("<I", 9)
+         + struct.pack("<IQ", 9, 1) * 5000, "not a readable GGUF"),
+        ("gguf-field-type-77", "dit", gguf_head(1, 1) + gguf_string("x") + struct.pack("<I", 77) + b"\0" * 32,
+         "not a readable GGUF"),
+        ("gguf-type-9999", "dit", g.patch(q, qtype=9999), "GGML type number 9999"),
+        ("gguf-type-unsupported", "dit", g.patch(q, qtype=int(QT.TQ1_0)), "TQ1_0, a GGUF type this pack does not run"),
+        ("gguf-shape-2^62", "dit", g.patch(q, dims=[64, 1 << 62]), "invalid shape"),
+        ("gguf-shape-zero", "dit", g.patch(q, dims=[64, 0]), "invalid shape"),
+        ("gguf-row-not-whole-blocks", "dit", g.patch(q, dims=[48, 64]), "invalid shape|claims bytes|overlaps"),
+        ("gguf-offsets-overlap", "dit", g.patch(q, offset=g.info[other][2]), "overlaps"),
+        ("gguf-offset-past-end", "dit", g.patch(q, offset=1 << 50), "truncated"),
+        ("gguf-name-not-utf8", "dit", g.patch(q, name_byte=0xFF), "not a readable GGUF"),
+        ("gguf-orig-shape-wrong", "dit", b["gguf_orig_shape"], "orig_shape"),
+        ("gguf-flux", "dit", b["gguf_flux"], "looks like a FLUX.1"),
+        ("gguf-te-as-dit", "dit", b["gguf_te"], "looks like a Qwen3"),
+        ("gguf-dit-as-te", "te", g.blob, "looks like a Z-Image transformer"),
+        ("gguf-te-rope-negative", "te", b["gguf_te_rope"], "rope_theta = .-5.0"),
+        ("gguf-as-lora", "lora", g.blob, "a full Z-Image transformer, not a LoRA"),
+    ]
+
+
 def control_cases(b) -> list[tuple[str, str, object, str | None]]:
     """Valid files that must load (id, loader, bytes/folder, digest for header-only reads)."""
     small = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "i": torch.arange(5, dtype=torch.int64),
@@ -391,6 +520,9 @@ def control_cases(b) -> list[tuple[str, str, object, str | None]]:
         ("te", "te", st_save(b["te"]), None),
         ("vae", "vae", st_save(b["vae"]), None),
         ("tokenizer-bundled", "tokenizer", None, None),
+        ("gguf-dit", "dit", b["gguf_dit"].blob, None),
+        ("gguf-dit-meta", "meta", b["gguf_dit"].blob, None),
+        ("gguf-te", "te", b["gguf_te"], None),
     ]
     return cases
 
@@ -409,7 +541,7 @@ def materialise(root, cid, content) -> str:
             with open(os.path.join(path, name), "wb") as f:
                 f.write(blob)
         return path
-    path += ".safetensors"
+    path += ".gguf" if content[:4] == b"GGUF" else ".safetensors"
     with open(path, "wb") as f:
         f.write(content)
     return path
@@ -486,10 +618,10 @@ def test_every_valid_file_loads_and_reads_back_exactly(outcomes, bases):
 
 CHANGED_ON_DISK = r"""
 import os, sys, torch, zimage_core as zc
-from zimage_core.safetensors_io import SafetensorsFile
+from zimage_core.safetensors_io import open_file
 p = sys.argv[1]
 m = zc.load_transformer(p, dtype=torch.float32)
-f = SafetensorsFile(p)
+f = open_file(p)
 g = torch.Generator().manual_seed(0)
 x, t, cap = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.5]), [torch.randn(5, 32, generator=g)]
 with torch.no_grad():
@@ -506,13 +638,14 @@ except zc.ZImageError as e:
 """
 
 
-def test_a_file_changed_on_disk_after_loading_changes_nothing(bases, tmp_path):
-    """Weights live in memory the model owns: truncating and rewriting the file later can neither crash the process
-    (SIGBUS) nor change the loaded model, and reading on from the changed file is refused by name."""
-    path = tmp_path / "z.safetensors"
-    path.write_bytes(st_save(bases["dit"]))
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_a_file_changed_on_disk_after_loading_changes_nothing(bases, tmp_path, fmt):
+    """Weights live in memory the model owns (GGUF blocks too): truncating and rewriting the file later can neither
+    crash the process (SIGBUS) nor change the loaded model, and reading on from the changed file is refused by name."""
+    path = tmp_path / f"z.{fmt}"
+    path.write_bytes(st_save(bases["dit"]) if fmt == "safetensors" else bases["gguf_dit"].blob)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", CHANGED_ON_DISK, str(path)], capture_output=True, text=True,
                        timeout=BATCH_SECONDS, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "SAME" in r.stdout and "REFUSED" in r.stdout and "z.safetensors was replaced, changed or removed" in r.stdout
+    assert "SAME" in r.stdout and "REFUSED" in r.stdout and f"z.{fmt} was replaced, changed or removed" in r.stdout

@@ -91,10 +91,11 @@ def save_dit_gguf(model, path: str, truth_path: str, seed: int = 0) -> dict:
     return truth
 
 
-def save_qwen_gguf(hf, path: str, truth_path: str, seed: int = 1, parts=()) -> dict:
+def save_qwen_gguf(hf, path: str, truth_path: str, seed: int = 1, parts=(), meta=None) -> dict:
     """A transformers Qwen3Model or Qwen3ForCausalLM as a GGUF with llama.cpp names (``parts``: (HF module suffix,
-    type) forced per layer), and its expanded weights as safetensors in ComfyUI's text-encoder layout. A tied head
-    is not written (tied HF checkpoints store none, so convert_hf_to_gguf.py writes no ``output.weight``)."""
+    type) forced per layer; ``meta``: writer calls replacing the defaults), and its expanded weights as safetensors
+    in ComfyUI's text-encoder layout. A tied head is not written (tied HF checkpoints store none, so
+    convert_hf_to_gguf.py writes no ``output.weight``)."""
     from safetensors.torch import save_file
 
     sd = {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in hf.state_dict().items()}
@@ -112,6 +113,6 @@ def save_qwen_gguf(hf, path: str, truth_path: str, seed: int = 1, parts=()) -> d
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, n)
     cpp = {names.get_name(k, try_suffixes=(".weight",)): v for k, v in tensors.items()}
     write_gguf(path, "qwen3", cpp, {"add_rope_freq_base": (1e6,),  # tiny_qwen's RoPE base and epsilon
-                                    "add_layer_norm_rms_eps": (1e-6,), "add_block_count": (n,)})
+                                    "add_layer_norm_rms_eps": (1e-6,), "add_block_count": (n,), **(meta or {})})
     save_file({k: v.contiguous() for k, v in truth.items()}, truth_path)
     return truth

@@ -290,8 +290,8 @@ def info(path: str) -> None:
     kind = describe(files.keys(), files.shape)
     from .packed import Packed
 
-    dtypes = sorted({v.fmt.name if isinstance(v := files.get(k), Packed) else str(v.dtype).replace("torch.", "")
-                     for k in files.keys()})  # lazy views: nothing is read
+    dtypes = sorted({v.fmt.name if isinstance(v := files.meta(k), Packed) else str(v.dtype).replace("torch.", "")
+                     for k in files.keys()})  # meta tensors: nothing is read
     params = sum(int(torch.Size(files.shape(k)).numel()) for k in files.keys())
     print(f"{files.path}: {kind}; {len(files.keys())} tensors, {params:,} values, stored as {', '.join(dtypes)}")
     if kind.startswith("Z-Image"):

@@ -23,7 +23,7 @@ import torch
 from .errors import ZImageError
 from .layers import FP8_DTYPES
 from .packed import Packed
-from .quant_formats import EXTRA_KEYS, FORMAT_KEYS, dequantize, logical_shape, read_config
+from .quant_formats import EXTRA_KEYS, FORMAT_KEYS, dequantize, layout_problem, logical_shape, read_config
 
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
@@ -102,6 +102,17 @@ class QuantizedView:
         self.parts = {layer + ".weight": [layer + ".weight" + s for s in FORMAT_KEYS[c["format"]] if layer + ".weight" + s in files]
                       + [layer + "." + e for e in EXTRA_KEYS if layer + "." + e in files] for layer, c in self.packed.items()}
         self.hidden = {k for ks in self.parts.values() for k in ks[1:]} | {layer + ".comfy_quant" for layer in self.packed}
+        for layer, conf in self.packed.items():
+            names = self._names(layer + ".weight")
+            problem = layout_problem(conf["format"], {n: (files.shape(k), files.dtype(k).itemsize) for n, k in names.items()},
+                                     conf)
+            if problem:
+                raise ZImageError(f"{files.path}: layer {layer} ({conf['format']}) {problem}; the file is damaged or was "
+                                  "written by a quantizer this pack does not know. Download it again.")
+
+    def _names(self, key: str) -> dict[str, str]:
+        """A packed weight's tensors: the name its format reads them by → file key."""
+        return {(k[len(key):] if k.startswith(key) else k.rsplit(".", 1)[1]): k for k in self.parts[key]}
 
     def __getattr__(self, name):  # path, metadata, config()
         return getattr(self.files, name)
@@ -119,13 +130,16 @@ class QuantizedView:
     def dtype(self, key: str) -> torch.dtype:
         return self.files.dtype(key)
 
-    def get(self, key: str):
+    def get(self, key: str, read: str = "get"):
         conf = self.packed.get(key[: -len(".weight")])
         if conf is None:
-            return self.files.get(key)
-        tensors = {(k[len(key):] if k.startswith(key) else k.rsplit(".", 1)[1]): self.files.get(k) for k in self.parts[key]}
+            return getattr(self.files, read)(key)
+        tensors = {name: getattr(self.files, read)(k) for name, k in self._names(key).items()}
         fmt = ComfyFormat(conf["format"], json.dumps(conf, sort_keys=True))
         return Packed(fmt, self.shape(key), tensors)
+
+    def meta(self, key: str):
+        return self.get(key, "meta")
 
     def release(self, key: str) -> None:
         for k in self.parts.get(key, [key]):

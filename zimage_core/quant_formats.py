@@ -109,6 +109,66 @@ def unrotate(w: torch.Tensor, group: int) -> torch.Tensor:
     return torch.matmul(w.reshape(n, k // group, group), h.T).reshape(n, k)
 
 
+# ---- checking a layer's tensors before reading them -------------------------------------------------
+
+
+def _tiles(rows: int, cols: int) -> int:
+    """Values in a swizzled rows×cols block-scale matrix: whole 128×4 tiles (``unswizzle``)."""
+    return -(-rows // 128) * 128 * -(-cols // 4) * 4
+
+
+def layout_problem(fmt: str, tensors: dict[str, tuple[tuple[int, ...], int]], conf: dict) -> str | None:
+    """What is wrong with one layer's stored tensors (name as ``ComfyFormat`` gets them → (shape, bytes per
+    element)) for ``fmt``, from the header alone; None when ``dequantize`` below can take them apart: every tensor
+    the format needs, of the size (or, where it is indexed by row and group, the shape) it uses."""
+    missing = [s for s in FORMAT_KEYS[fmt] if s not in ("_codebook", "_correction") and s not in tensors]
+    if missing:
+        return "has no " + ", ".join("weight" + s for s in missing)
+    shape, item = tensors[""]
+    if len(shape) != 2 or item != 1:
+        return f"weight has shape {list(shape)} of {item}-byte values, not a matrix of bytes"
+    rows, cols = logical_shape(fmt, shape)
+    try:
+        group = convrot_group(conf) if fmt != "mxfp8" and fmt != "nvfp4" else 1
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+        w4a8 = int(conf.get("group_size", params.get("group_size", 16))) if fmt == "asym_w4a8_int8" else 1
+    except (TypeError, ValueError):
+        return f"has an unreadable group size in its config {str(conf)[:80]}"
+    rotated = fmt in ("convrot_w4a4", "asym_w4a8_int8") or conf.get("convrot", params.get("convrot", False))
+    if rotated and (group < 4 or 4 ** round(math.log(group, 4)) != group):
+        return f"has a ConvRot group size of {group}, not a power of 4"
+    block = {"mxfp8": 32, "nvfp4": 16}.get(fmt, math.lcm(group if rotated else 1, max(w4a8, 1)))
+    if w4a8 < 1 or cols % block:
+        return f"has {cols} columns, not whole groups of {block}"
+    want: dict[str, int | tuple[int, ...]] = {
+        "mxfp8": {"_scale": _tiles(rows, cols // 32)},
+        "nvfp4": {"_scale": _tiles(rows, cols // 16), "_scale_2": 1},
+        "convrot_w4a4": {"_scale": rows},
+        "asym_w4a8_int8": {"_s_rel": (rows, cols // w4a8), "_s_channel": rows, "_codebook": 16,
+                           "_correction": (cols // w4a8, rows)},
+    }.get(fmt, {})
+    want["input_scale"] = 1
+    label = lambda name: "weight" + name if name.startswith("_") else name  # noqa: E731
+    for name, need in want.items():
+        got = tensors.get(name, (None,))[0]
+        if got is not None and (tuple(got) != need if isinstance(need, tuple) else math.prod(got) != need):
+            expected = list(need) if isinstance(need, tuple) else f"{need} values"
+            return f"{label(name)} has shape {list(got)}, expected {expected} for a {rows}×{cols} weight"
+    multiplied = ["pre_quant_scale"] + (["_scale"] if fmt == "int8_tensorwise" else [])  # broadcast as ComfyUI does
+    for name in multiplied:
+        got = tensors.get(name, (None,))[0]
+        if got is not None and _broadcast(got, (rows, cols)) != (rows, cols):
+            return f"{label(name)} has shape {list(got)}, which does not scale a {rows}×{cols} weight"
+    return None
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a), b))
+    except RuntimeError:
+        return None
+
+
 # ---- dequantization --------------------------------------------------------------------------------
 
 

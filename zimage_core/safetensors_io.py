@@ -12,6 +12,7 @@ model, and a change during loading is detected from the file's identity (device,
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import ZImageError
-from .tensor_index import TensorIndex
+from .tensor_index import TensorIndex, identity
 
 # safetensors dtype name → (bits per element, torch dtype or None when torch cannot hold it); the list of
 # huggingface/safetensors safetensors/src/tensor.rs `Dtype`
@@ -56,10 +57,6 @@ def _sniff_foreign(path: str, head: bytes) -> str | None:
     if path.lower().endswith(PICKLE_SUFFIXES):
         return "a pickle-format checkpoint (by its extension); it is never unpickled here for safety"
     return None
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -183,7 +180,7 @@ def read_header(path: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...], 
     check_layout(path, table, size - 8 - n)
     for name, e in header.items():
         entries[name] = (e["dtype"], tuple(e["shape"]), *e["data_offsets"])
-    return meta, entries, 8 + n, _identity(st)
+    return meta, entries, 8 + n, identity(st)
 
 
 class SafetensorsFile(TensorIndex):
@@ -200,62 +197,11 @@ class SafetensorsFile(TensorIndex):
                               f"(supported: {', '.join(DTYPES)}).")
         return DTYPES[name]
 
-    def nbytes(self, key: str) -> int:
-        _, _, b, e = self._entries[key]
-        return e - b
-
-    # -- data -------------------------------------------------------------------------------------
-    def _open(self) -> int:
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            fd = -1
-        if fd < 0 or _identity(os.fstat(fd)) != self._identity:
-            if fd >= 0:
-                os.close(fd)
-            raise ZImageError(f"{self.path} was replaced, changed or removed on disk after it was opened; load it again.")
-        return fd
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor, read into memory of its own (never a view of the file)."""
-        dtype = self.dtype(key)
-        _, shape, begin, end = self._entries[key]
-        out = torch.empty(end - begin, dtype=torch.uint8)
-        if end > begin:
-            fd = self._open()
-            try:
-                view, pos = memoryview(out.numpy()), 0
-                while pos < len(view):
-                    got = os.preadv(fd, [view[pos:]], self._data_start + begin + pos)
-                    if got <= 0:
-                        raise ZImageError(f"{self.path} became shorter while it was read (truncated on disk); "
-                                          "download it again.")
-                    pos += got
-            finally:
-                os.close(fd)
-        return out.view(dtype).reshape(shape)
-
-    def release(self, key: str) -> None:
-        """Drop the page-cache pages of a tensor that was read and converted."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        _, _, begin, end = self._entries[key]
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.posix_fadvise(fd, self._data_start + begin, end - begin, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
 
 def open_file(path: str):
     """A safetensors file, or a GGUF file (recognised by its magic) read through gguf_files."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if stat.S_ISREG(os.stat(path).st_mode) else io.BytesIO() as f:  # never open a FIFO
             gguf = f.read(4) == b"GGUF"
     except OSError:
         gguf = False
@@ -312,6 +258,9 @@ class WeightFiles:
         if v is None:
             return default
         if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+            if hasattr(self.files[0], "config"):  # a GGUF header field
+                raise ZImageError(f"{self.path}: its header gives {key} = {str(v)[:40]!r}, expected a positive number; "
+                                  "the file is damaged. Download it again.")
             folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
             raise ZImageError(f"{os.path.join(folder, 'config.json')}: {key} is {str(v)[:40]!r}, expected a positive "
                               "number. Fix the value or remove config.json.")
@@ -334,6 +283,9 @@ class WeightFiles:
 
     def get(self, key: str) -> torch.Tensor:
         return self._where[key].get(key)
+
+    def meta(self, key: str):
+        return self._where[key].meta(key)
 
     def release(self, key: str) -> None:
         self._where[key].release(key)

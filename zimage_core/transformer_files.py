@@ -152,7 +152,7 @@ def meta_transformer(path: str, dtype: torch.dtype | None = None, storage_dtype:
     for name, p in list(model.named_parameters()):
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        parts = [files.get(k) for k in plan[name].keys] if name in plan else []
+        parts = [files.meta(k) for k in plan[name].keys] if name in plan else []
         if owner_name in stored and leaf == "weight" and storage_dtype is None and any(isinstance(p, Packed) for p in parts):
             meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")  # noqa: E731
             owner.weight = stack_rows([p.map(meta) if isinstance(p, Packed) else meta(p) for p in parts])
