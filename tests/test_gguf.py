@@ -117,9 +117,11 @@ def test_streamed_bytes_are_the_quantised_bytes(dit_files):
         want = model(*dit_inputs())
     resident.detach()
     st = BlockStreamer(model, plan, cyclic=False).attach()
+    assert st.ledger.now == plan.fixed_bytes  # packed embedders and final layer placed as the plan counts them
     with torch.inference_mode():
         got = model(*dit_inputs())
     assert st.copied_bytes == in_file and torch.equal(got, want)
+    assert st.ledger.peak <= plan.fixed_bytes + plan.buffer_bytes  # Executor.begin: never more than prefetch+1 in flight
     st.detach()
 
 
