@@ -239,18 +239,24 @@ def test_comfyui_quantized_files_run_through_our_loaders(server, object_info, tm
 
 def test_malicious_files_selected_in_the_loader_leave_the_server_answering(server, object_info):
     """Choosing a file in the loader's dropdown makes the web extension POST /zimage/plan for it. Crafted files (a
-    90 MB header, a header of three million numbers, a pickle, a named pipe) must get an error naming them while
-    the server keeps answering other requests within a second; queued in a graph they fail with that message."""
+    90 MB header, a header of three million numbers, a pickle, a named pipe, GGUF files with a metadata bomb or a
+    tensor table past their end) must get an error naming them while the server keeps answering other requests
+    within a second; queued in a graph they fail with that message."""
     import json
     import struct
     import threading
+
+    from test_bad_files import gguf_head, gguf_string
 
     folder = os.path.join(server.base, "models", "diffusion_models")
     big = json.dumps({"__metadata__": {"x": "y" * 90_000_000}}).encode()
     numbers = b'{"x": [' + b"0," * 3_000_000 + b"0]}"
     files = {"huge_header.safetensors": struct.pack("<Q", len(big)) + big,
              "numbers.safetensors": struct.pack("<Q", len(numbers)) + numbers,
-             "disguised_pickle.safetensors": b"\x80\x02}q\x00." + b"\0" * 64}
+             "disguised_pickle.safetensors": b"\x80\x02}q\x00." + b"\0" * 64,
+             "strings.gguf": gguf_head(1, 1) + gguf_string("bomb") + struct.pack("<IIQ", 9, 8, 3_000_000)
+             + struct.pack("<Q", 0) * 3_000_000,
+             "table_past_end.gguf": gguf_head(1, 0) + gguf_string("w") + struct.pack("<I2QIQ", 2, 64, 64, 0, 1 << 40)}
     for name, blob in files.items():
         with open(os.path.join(folder, name), "wb") as f:
             f.write(blob)
@@ -272,7 +278,7 @@ def test_malicious_files_selected_in_the_loader_leave_the_server_answering(serve
         for n in names:
             assert answers[n]["ok"] is False and n in answers[n]["error"], answers[n]
         prompt = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
-        for n in ("numbers.safetensors", "pipe.safetensors"):
+        for n in ("numbers.safetensors", "pipe.safetensors", "strings.gguf"):
             bad = copy.deepcopy(prompt)
             for node in bad.values():
                 if node["class_type"] == "ZImageModelLoader":
