@@ -23,6 +23,7 @@ from comfy_api.latest import io
 import zimage_core as zc
 from zimage_core.controlnet import Control, ControlImage, load_controlnet, prepare_control
 
+from .loaders import file_identity
 from .types import ZImageModel
 
 ZImageControlNet = io.Custom("ZIMAGE_CONTROLNET")
@@ -128,6 +129,10 @@ class ZImageControlNetLoader(io.ComfyNode):
             ],
             outputs=[ZImageControlNet.Output(tooltip="The control model, for Z-Image Apply ControlNet.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, control_net_name, **_):
+        return file_identity(control_path, control_net_name)
 
     @classmethod
     def execute(cls, control_net_name, weight_dtype="auto") -> io.NodeOutput:

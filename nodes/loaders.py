@@ -53,11 +53,11 @@ def resolve(folder: str, name: str) -> str:
     return path
 
 
-def file_identity(folder: str, name: str) -> tuple | None:
-    """What changes when a chosen file (or a file of a chosen folder) is replaced or edited on disk, so ComfyUI
-    re-runs the loader instead of reusing a model read from the old bytes."""
+def file_identity(path_of, *names: str) -> tuple | None:
+    """What changes when a chosen file (``path_of(*names)``, or each file of a chosen folder) is replaced or edited
+    on disk, so ComfyUI re-runs the loader instead of reusing a model read from the old bytes."""
     try:
-        path = resolve(folder, name)
+        path = path_of(*names)
         paths = [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
         return tuple((os.stat(p).st_ino, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
     except (OSError, zc.ZImageError):
@@ -111,7 +111,7 @@ class ZImageModelLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name, **_):
-        return file_identity("diffusion_models", model_name)
+        return file_identity(resolve, "diffusion_models", model_name)
 
     @classmethod
     def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2,
@@ -165,7 +165,7 @@ class ZImageTextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, text_encoder_name, **_):
-        return file_identity("text_encoders", text_encoder_name)
+        return file_identity(resolve, "text_encoders", text_encoder_name)
 
     @classmethod
     def execute(cls, text_encoder_name, weight_dtype, device) -> io.NodeOutput:
