@@ -27,8 +27,7 @@ import torch
 
 from .errors import ZImageError
 from .packed import Packed
-from .safetensors_io import check_layout
-from .tensor_index import TensorIndex, identity
+from .tensor_index import TensorIndex, check_layout, identity
 
 MAX_COUNT = 1 << 14  # tensors, and metadata fields, a header may claim (Z-Image: ~500 tensors; Qwen3 ~400)
 MAX_VALUES = 1_000_000  # metadata values all told (a Qwen3 vocabulary with its merges: ~0.46 M)

@@ -7,7 +7,6 @@ the file instead of a Rust panic, a hang or a silent misread. A pickle file in d
 unpickled. Tensors are read into memory the model owns (tensor by tensor, so loading peaks near the
 weights' own size): a file replaced or truncated on disk later cannot change or crash (SIGBUS) a loaded
 model, and a change during loading is detected from the file's identity (device, inode, size, mtime).
-``check_layout`` is the format-independent part (also for GGUF's tensor tables).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Iterable
 import torch
 
 from .errors import ZImageError
-from .tensor_index import TensorIndex, identity
+from .tensor_index import TensorIndex, check_layout, identity
 
 # safetensors dtype name → (bits per element, torch dtype or None when torch cannot hold it); the list of
 # huggingface/safetensors safetensors/src/tensor.rs `Dtype`
@@ -42,7 +41,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER = 100_000_000  # the official parser's limit (safetensors/src/tensor.rs MAX_HEADER_SIZE)
 MAX_VALUES = 1_000_000  # JSON separators in a header (~8 a tensor): bounds the parse time of a crafted header
-MAX_NDIM, MAX_DIM = 16, 2**48
 
 
 def _sniff_foreign(path: str, head: bytes) -> str | None:
@@ -66,57 +64,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"the name {dup!r} appears twice")
     return d
-
-
-def _int(v) -> bool:
-    return type(v) is int  # not bool, not float
-
-
-def check_layout(path: str, entries: dict[str, tuple[int | tuple[int, int], list, list]], data_size: int, *,
-                 contiguous: bool = True) -> None:
-    """Validate a tensor table: name → (bits per element, or (elements, bytes) per block for block-quantised types
-    such as GGUF's; shape; [begin, end]) within a data area of ``data_size`` bytes. Shapes are bounded integers,
-    each byte range matches its type × shape, ranges never overlap and, with ``contiguous`` (safetensors), tile
-    the data area exactly."""
-
-    def bad(name, why):
-        return ZImageError(f"{path}: tensor {name!r} {why}; the file is corrupt or was edited. Download it again.")
-
-    spans = []
-    for name, (bits, shape, offsets) in entries.items():
-        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_int(s) and 0 <= s <= MAX_DIM for s in shape):
-            raise bad(name, f"has an invalid shape {str(shape)[:80]}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(o) for o in offsets):
-            raise bad(name, f"has invalid data offsets {str(offsets)[:80]}")
-        begin, end = offsets
-        numel = 1
-        for s in shape:
-            numel *= s
-        if isinstance(bits, tuple):  # (elements, bytes) per block: a partial block is as wrong as a wrong size
-            per, block_bytes = bits
-            nbits = numel // per * block_bytes * 8 if numel % per == 0 else -8
-        else:
-            nbits = numel * bits
-        if nbits % 8 or not 0 <= begin <= end or end - begin != nbits // 8:
-            need = f"needs {nbits / 8:g}" if nbits >= 0 else f"is not a whole number of {bits[0]}-element blocks"
-            raise bad(name, f"claims bytes {begin}..{end} but shape {shape} {need}")
-        spans.append((begin, end, name))
-    spans.sort()
-    pos, prev = 0, None
-    for begin, end, name in spans:
-        if begin < pos:
-            raise bad(name, f"overlaps {prev!r} (bytes {begin}..{end})")
-        if contiguous and begin > pos:
-            raise bad(name, f"starts at byte {begin}, leaving a gap of {begin - pos} bytes after {prev!r}")
-        pos, prev = max(pos, end), name
-    if pos > data_size:
-        raise ZImageError(
-            f"{path} is truncated: {pos - data_size:,} bytes are missing at the end ({data_size:,} of {pos:,} data bytes "
-            "present). The download was probably interrupted; download the file again."
-        )
-    if contiguous and pos < data_size:
-        raise ZImageError(f"{path} has {data_size - pos:,} bytes after its last tensor that the header does not "
-                          "describe; the file is corrupt or was edited. Download it again.")
 
 
 def read_header(path: str) -> tuple[dict, dict[str, tuple[str, tuple[int, ...], int, int]], int, tuple]:
