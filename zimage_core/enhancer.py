@@ -86,6 +86,7 @@ class Qwen3Chat(nn.Module):
         dev, start = self.device, cache[0].n
         h = self.encoder.embed_tokens(ids.to(dev), self.compute_dtype).to(dev)
         cos, sin = (r[start : start + ids.shape[1]] for r in rope)
+        self.executor.begin(self.blocks())
         for block, c in zip(self.blocks(), cache):
             if cancel is not None and cancel():
                 raise ZImageInterrupted("prompt enhancement was interrupted")
