@@ -13,8 +13,10 @@ from zimage_core.attention import BACKENDS
 from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
 from zimage_core.offload import MODES
 
+from .clip import ZImageCLIPModel, make_clip
 from .memory import Handle, cached_load, compute_dtype, storage_dtype
-from .types import ZImageModel, ZImageTextEncoder
+from .model import ZImageBase, ZImageDiffusionModel
+from .types import ZImageTextEncoder
 
 WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
 FP8_COMPUTE = ["auto", "dequantize", "fp8 matmul"]
@@ -106,7 +108,8 @@ class ZImageModelLoader(io.ComfyNode):
                                        "(RTX 40xx / H100 and later; measured 1.07× dequantize, less exact), 'dequantize' up-casts each "
                                        "weight to bf16 first (auto, until fp8 matmul is as exact)."),
             ],
-            outputs=[ZImageModel.Output(tooltip="The Z-Image transformer, for the Z-Image Sampler and LoRA nodes.")],
+            outputs=[io.Model.Output(tooltip="A standard MODEL: KSampler, SamplerCustomAdvanced, LoRA loaders, model "
+                                             "patches and the Z-Image Sampler all take it.")],
         )
 
     @classmethod
@@ -129,16 +132,17 @@ class ZImageModelLoader(io.ComfyNode):
         fp8 = fp8_compute == "fp8 matmul" and device_supports_fp8(device)
 
         def load():
-            model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend)
+            model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend,
+                                       cls=ZImageDiffusionModel)
             set_fp8_matmul(model, fp8)
-            return model
+            return ZImageBase(model)
 
-        handle = cached_load(
+        patcher = cached_load(
             "transformer", path, load,
             {"dtype": dtype, "storage": storage, "attention": backend, "fp8_matmul": fp8},
             {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
         )
-        return io.NodeOutput(handle)
+        return io.NodeOutput(patcher)
 
 
 class ZImageTextEncoderLoader(io.ComfyNode):
@@ -160,7 +164,9 @@ class ZImageTextEncoderLoader(io.ComfyNode):
                 io.Combo.Input("device", options=["auto", "cpu"], default="auto",
                                tooltip="cpu: encode on the CPU (slow, no VRAM at all)."),
             ],
-            outputs=[ZImageTextEncoder.Output(tooltip="The prompt encoder, for Z-Image Text Encode.")],
+            outputs=[ZImageTextEncoder.Output(tooltip="The prompt encoder, for Z-Image Text Encode and Edit Encode."),
+                     io.Clip.Output(tooltip="The same encoder as a standard CLIP: CLIPTextEncode, TextEncodeZImageOmni and "
+                                            "prompt-scheduling nodes use it (ComfyUI's Z-Image tokenizer and template).")],
         )
 
     @classmethod
@@ -174,12 +180,12 @@ class ZImageTextEncoderLoader(io.ComfyNode):
         path = resolve("text_encoders", text_encoder_name)
         dev = mm.get_torch_device() if device == "auto" else torch.device("cpu")
         dtype, storage = _split_dtype(weight_dtype, dev, fp16=False)
-        handle: Handle = cached_load(
+        patcher = cached_load(
             "text_encoder", path,
-            lambda: zc.load_text_encoder(path, dtype=dtype, storage_dtype=storage),
+            lambda: ZImageCLIPModel(zc.load_text_encoder(path, dtype=dtype, storage_dtype=storage)),
             {"dtype": dtype, "storage": storage},
             {"mode": "auto", "budget_gb": 0.0, "prefetch": 2},
         )
         if device == "cpu":
-            handle.patcher.load_device = dev
-        return io.NodeOutput(handle)
+            patcher.load_device = dev
+        return io.NodeOutput(Handle(patcher.model.encoder, patcher, path, {"dtype": dtype, "storage": storage}), make_clip(patcher))

@@ -1,4 +1,8 @@
-"""The LoRA node: stacks adapters onto a ZIMAGE_MODEL without touching the cached base model."""
+"""The LoRA node: our dialect reader, handing ComfyUI weight patches to a clone of the MODEL.
+
+Every dialect ``zimage_core.lora`` reads becomes ComfyUI's own patch records (a LoRA adapter, or a dense diff,
+on exact rows of the fused qkv), so the model's patcher merges them as it merges the core LoRA loaders'.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,11 @@ import os
 import weakref
 
 import folder_paths
+from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 import zimage_core as zc
 from zimage_core.lora import LoraFile, read_lora
-
-from .types import ZImageModel
 
 log = logging.getLogger("zimage")
 # module → {file identity: parsed file}; an entry dies with its module (and frees the file's memory maps)
@@ -38,13 +41,13 @@ class ZImageLoraLoader(io.ComfyNode):
             description="Applies a LoRA/LyCORIS (diffusers, PEFT, ai-toolkit, kohya/musubi, LyCORIS, LoKr, DiffSynth or "
                         "ComfyUI names). Chain several to stack them. Other graphs keep using the plain model.",
             inputs=[
-                ZImageModel.Input("model", tooltip="A Z-Image model (from the loader or another LoRA node)."),
+                io.Model.Input("model", tooltip="A Z-Image model (from the loader, UNETLoader or another LoRA node)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A LoRA file from models/loras made for Z-Image / Z-Image-Turbo."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="How strongly to apply it: 1 as trained, 0 off, negative reverses it."),
             ],
-            outputs=[ZImageModel.Output(tooltip="The model with this LoRA added to its stack.")],
+            outputs=[io.Model.Output(tooltip="A copy of the model with this LoRA added; the input model stays plain.")],
         )
 
     @classmethod
@@ -52,6 +55,22 @@ class ZImageLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path(folder_name="loras", filename=lora_name)
         if path is None:
             raise zc.ZImageError(f"{lora_name} is not in models/loras.")
-        lf = parsed(path, model.module)
+        lf = parsed(path, model.model.diffusion_model)
         log.info("Z-Image LoRA %s ×%g: %s", lora_name, strength, lf.summary())
-        return io.NodeOutput(model.with_lora(lf, strength))
+        out = model.clone()
+        out.add_patches(comfy_patches(lf), strength)
+        return io.NodeOutput(out)
+
+
+def comfy_patches(lf: LoraFile) -> dict:
+    """Our parsed deltas as ComfyUI weight patches: {key or (key, (dim, start, rows)): adapter}."""
+    patches = {}
+    for d in lf.deltas:
+        key = f"diffusion_model.{d.target}.weight"
+        if d.rows:
+            key = (key, (0, d.rows[0], d.rows[1] - d.rows[0]))
+        if d.kind == "lora":  # ComfyUI scales by alpha / rank
+            patches[key] = LoRAAdapter(set(), (d.up, d.down, d.scale * d.down.shape[0], None, None, None))
+        else:
+            patches[key] = ("diff", (d.matrix(),))
+    return patches

@@ -10,16 +10,22 @@ them, and freeing it frees them.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import weakref
+from dataclasses import dataclass, field
 
+import comfy.lora
 import comfy.model_management as mm
 import torch
 from comfy.model_patcher import ModelPatcher
+from comfy.weight_adapter import LoRAAdapter
 
+from zimage_core.layers import FP8_DTYPES, Linear
 from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
-from zimage_core.offload import GB, BlockStreamer, module_bytes, plan_offload
+from zimage_core.offload import GB, BlockStreamer, OffloadPlan, module_bytes, plan_offload
+from zimage_core.quant import quantize_fp8
 
 log = logging.getLogger("zimage")
 
@@ -35,21 +41,51 @@ def plan_for_settings(model, mode: str, budget_gb: float, offered: float | None,
     return plan_offload(model, mode="auto", free_bytes=free, activations=activations, prefetch=prefetch, device=device)
 
 
+@dataclass
+class OffloadState:
+    """Offload settings and the streamer of one set of weights, shared by every clone of its patcher."""
+
+    mode: str = "auto"
+    budget_gb: float = 0.0
+    prefetch: int = 2
+    activations: int = 0
+    streamer: BlockStreamer | None = None
+    last_plan: OffloadPlan | None = None
+    scale_backup: dict = field(default_factory=dict)  # fp8 weight scales replaced by merged weight patches
+    runtime: set = field(default_factory=set)  # Linear modules carrying LoRA factors as run-time patches
+
+
+def _shared(name: str):
+    return property(lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v))
+
+
 class ZImagePatcher(ModelPatcher):
+    """A ModelPatcher over our ``ZImageBase`` (or the text encoder module) whose loading streams blocks.
+
+    ComfyUI weight patches (core LoRA loaders, our LoRA node) are merged into the host weights before the
+    streamer places them, so resident and streamed blocks alike compute with them. fp8 weights are never
+    re-quantised for a plain LoRA: its factors ride along as run-time patches of our Linear; other adapters on
+    fp8 are merged in fp32 and re-quantised with a fresh scale. Clones share the weights, so they share the state.
+    """
+
     # On a CPU device the weights already live where compute runs, so loading streams nothing. Tests set this
     # to drive the same bookkeeping (plans, partial loads and unloads) on a CPU-only machine.
     stream_on_cpu = False
+    mode, budget_gb, prefetch, activations = _shared("mode"), _shared("budget_gb"), _shared("prefetch"), _shared("activations")
+    streamer, last_plan = _shared("streamer"), _shared("last_plan")
 
-    def __init__(self, model, load_device, offload_device, mode: str = "auto", budget_gb: float = 0.0, prefetch: int = 2):
-        super().__init__(model, load_device, offload_device, size=module_bytes(model))
-        self.mode, self.budget_gb, self.prefetch = mode, budget_gb, prefetch
-        self.activations = 0
-        self.streamer: BlockStreamer | None = None
-        self.last_plan = None
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        # the module whose blocks stream: the transformer inside its BaseModel, the encoder inside its CLIP model
+        self.net = getattr(model, "diffusion_model", None) or getattr(model, "encoder", model)
+        super().__init__(model, load_device, offload_device, size=size or module_bytes(self.net),
+                         weight_inplace_update=weight_inplace_update)
+        if "zimage_offload" not in model.__dict__:
+            model.__dict__["zimage_offload"] = OffloadState()
+        self.state: OffloadState = model.__dict__["zimage_offload"]
 
     # -- what ComfyUI asks ------------------------------------------------------------------------
     def model_dtype(self):
-        return self.model.compute_dtype
+        return self.net.compute_dtype
 
     def loaded_size(self):
         return self.streamer.placed_bytes if self.streamer is not None and self.streamer.attached else 0
@@ -59,37 +95,94 @@ class ZImagePatcher(ModelPatcher):
 
     def plan_for(self, weight_budget: float):
         offered = None if weight_budget >= 1e30 else weight_budget + self.activations
-        return plan_for_settings(self.model, self.mode, self.budget_gb, offered, self.activations, self.prefetch,
+        return plan_for_settings(self.net, self.mode, self.budget_gb, offered, self.activations, self.prefetch,
                                  self.load_device)
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
-        if mm.is_device_cpu(self.load_device) and not self.stream_on_cpu:
-            return 0  # weights already live in host memory; nothing to stream
-        before = self.loaded_size()
-        plan = self.plan_for(before + extra_memory if extra_memory < 1e30 else 1e32)
-        if self.streamer is None or not self.streamer.attached:
-            self.streamer = BlockStreamer(self.model, plan).attach()
-        else:
-            self.streamer.replan(plan)
-        self.last_plan = plan
-        (log.warning if plan.shortfall else log.info)("Z-Image %s: %s", type(self.model).__name__, plan.describe())
-        return self.loaded_size() - before
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            self.patch_weights()
+            self.patch_model(load_weights=False)
+            if mm.is_device_cpu(self.load_device) and not self.stream_on_cpu:
+                return 0  # weights already live in host memory; nothing to stream
+            before = self.loaded_size()
+            plan = self.plan_for(before + extra_memory if extra_memory < 1e30 else 1e32)
+            if self.streamer is None or not self.streamer.attached:
+                self.streamer = BlockStreamer(self.net, plan).attach()
+            else:
+                self.streamer.replan(plan)
+            self.last_plan = plan
+            self.model.model_loaded_weight_memory = self.loaded_size()
+            (log.warning if plan.shortfall else log.info)("Z-Image %s: %s", type(self.net).__name__, plan.describe())
+            return self.loaded_size() - before
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
         if self.streamer is None or not self.streamer.attached:
             return 0
         before = self.loaded_size()
-        plan = plan_offload(self.model, mode="budget", budget=max(0, int(before - memory_to_free)) + self.activations,
+        plan = plan_offload(self.net, mode="budget", budget=max(0, int(before - memory_to_free)) + self.activations,
                             activations=self.activations, prefetch=self.prefetch, device=self.load_device)
         self.streamer.replan(plan)
         self.last_plan = plan
+        self.model.model_loaded_weight_memory = self.loaded_size()
         return before - self.loaded_size()
 
-    def detach(self, unpatch_all=True):  # noqa: ARG002 (ComfyUI's signature; we always detach all)
+    def detach(self, unpatch_all=True):
+        self.detach_streamer()
+        return super().detach(unpatch_all)
+
+    def detach_streamer(self) -> None:
         if self.streamer is not None:
             self.streamer.detach()
-        return self.model
+        self.model.model_loaded_weight_memory = 0
 
+    # -- weight patches ---------------------------------------------------------------------------
+    def patch_weights(self) -> None:
+        """Make the shared host weights carry exactly this clone's patches (undoing another clone's first)."""
+        if self.model.current_weight_patches_uuid == self.patches_uuid:
+            return
+        self.unpatch_model(unpatch_weights=True)
+        with torch.no_grad():
+            for key in self.patches:
+                self.merge(key)
+        self.model.current_weight_patches_uuid = self.patches_uuid
+
+    def merge(self, key: str) -> None:
+        owner_name, _, leaf = key.rpartition(".")
+        owner = self.model.get_submodule(owner_name)
+        w = getattr(owner, leaf)
+        if w.dtype in FP8_DTYPES and isinstance(owner, Linear) and leaf == "weight":
+            factors = lora_factors(self.patches[key], owner.out_features)
+            if factors is not None:
+                owner.patches = factors
+                self.state.runtime.add(owner_name)
+                return
+        self.backup[key] = _Backup(w, False)
+        scale = getattr(owner, "weight_scale", None) if leaf == "weight" else None
+        dev = self.load_device
+        base = w.to(dev, torch.float32, copy=True)
+        if scale is not None:
+            self.state.scale_backup[owner_name] = scale
+            base = base * scale.to(dev, torch.float32)
+        out = comfy.lora.calculate_weight(self.patches[key], base, key, intermediate_dtype=torch.float32)
+        if w.dtype in FP8_DTYPES:
+            out, scale = quantize_fp8(out, w.dtype)
+            owner.weight_scale = scale.to(w.device)
+        elif scale is not None:
+            owner.weight_scale = None
+        setattr(owner, leaf, torch.nn.Parameter(out.to(w.device, w.dtype), requires_grad=False))
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            self.detach_streamer()
+            for name, scale in self.state.scale_backup.items():
+                self.model.get_submodule(name).weight_scale = scale
+            for name in self.state.runtime:
+                self.model.get_submodule(name).patches = []
+            self.state.scale_backup.clear()
+            self.state.runtime.clear()
+        super().unpatch_model(device_to, unpatch_weights)
+
+    # -- what our nodes ask -----------------------------------------------------------------------
     def load_for(self, activations: int) -> None:
         """Ask ComfyUI for room and load (or stream) the model for a run needing ``activations`` bytes."""
         self.activations = activations
@@ -104,34 +197,33 @@ class ZImagePatcher(ModelPatcher):
         mm.soft_empty_cache()
 
 
+def lora_factors(patches: list, out_features: int) -> list | None:
+    """ComfyUI patch records of plain LoRAs as our Linear's run-time patches [(down, up, factor)]; None if any
+    record is something else (DoRA, LoCon mid, LoKr, a diff, a model strength or a function)."""
+    out = []
+    for strength, v, strength_model, offset, function in patches:
+        if not isinstance(v, LoRAAdapter) or strength_model != 1.0 or function is not None or any(x is not None for x in v.weights[3:]):
+            return None
+        up, down, alpha = v.weights[0].float().flatten(1), v.weights[1].float().flatten(1), v.weights[2]
+        if offset is not None:
+            if offset[0] != 0:
+                return None
+            up = torch.zeros(out_features, up.shape[1]).index_copy_(0, torch.arange(offset[1], offset[1] + offset[2]), up)
+        out.append((down, up, strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)))
+    return out
+
+
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ModelPatcher's own backup record
+
+
 class Handle:
-    """What a ZIMAGE_MODEL / ZIMAGE_TEXT_ENCODER socket carries: the module, its patcher, where it came from."""
+    """What a ZIMAGE_TEXT_ENCODER socket carries: the module, its patcher, where it came from."""
 
     def __init__(self, module, patcher: ZImagePatcher, path: str, options: dict):
         self.module, self.patcher, self.path, self.options = module, patcher, path, options
-        self.loras: list[tuple[str, float]] = []
-        self.controls: list = []  # zimage_core.controlnet.Control, from Z-Image Apply ControlNet
-        self.control_patchers: list[ModelPatcher] = []  # their control models, loaded with this model
 
     def __repr__(self):
         return f"<Z-Image {type(self.module).__name__} from {os.path.basename(self.path)}>"
-
-    def with_lora(self, lora, strength: float) -> Handle:
-        """A new handle on the same module and patcher, with one more LoRA in its stack."""
-        h = Handle(self.module, self.patcher, self.path, self.options)
-        h.loras = [*self.loras, (lora, strength)]
-        h.controls, h.control_patchers = self.controls, self.control_patchers
-        return h
-
-    def activate(self) -> None:
-        """Make the shared module carry exactly this handle's LoRA stack (re-patching on the host if it differs)."""
-        from zimage_core.lora import LoraPatcher
-
-        lp = LoraPatcher.of(self.module)
-        wanted = tuple((id(f), float(s)) for f, s in self.loras) + (None,)
-        if lp.active != wanted and (lp.active or self.loras):
-            self.patcher.detach()  # weights back on the host before they change
-            lp.apply(self.loras)
 
 
 _CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -142,22 +234,19 @@ def _key(path: str, *options) -> tuple:
     return (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size, *options)
 
 
-def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> Handle:
-    """Load once per (file, weight options); offload settings update the shared patcher in place."""
+def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> ZImagePatcher:
+    """Load once per (file, weight options) into a patcher over ``loader()``; offload settings update it in place."""
     key = _key(path, kind, tuple(sorted((k, str(v)) for k, v in options.items())))
-    handle = _CACHE.get(key)
-    if handle is None:
-        mm.cleanup_models_gc()  # weights load lazily into host memory; VRAM is requested by load_for() before use
-        module = loader()
-        patcher = ZImagePatcher(module, mm.get_torch_device(), mm.unet_offload_device(), **offload)
-        handle = Handle(module, patcher, path, options)
-        _CACHE[key] = handle
-    else:
-        p = handle.patcher
-        if (p.mode, p.budget_gb, p.prefetch) != (offload["mode"], offload["budget_gb"], offload["prefetch"]):
-            p.mode, p.budget_gb, p.prefetch = offload["mode"], offload["budget_gb"], offload["prefetch"]
-            p.unload()  # the next load plans with the new settings
-    return handle
+    patcher = _CACHE.get(key)
+    if patcher is None:
+        mm.cleanup_models_gc()  # weights load lazily into host memory; VRAM is requested when ComfyUI loads the model
+        patcher = ZImagePatcher(loader(), mm.get_torch_device(), mm.unet_offload_device())
+        patcher.mode, patcher.budget_gb, patcher.prefetch = offload["mode"], offload["budget_gb"], offload["prefetch"]
+        _CACHE[key] = patcher
+    elif (patcher.mode, patcher.budget_gb, patcher.prefetch) != (offload["mode"], offload["budget_gb"], offload["prefetch"]):
+        patcher.mode, patcher.budget_gb, patcher.prefetch = offload["mode"], offload["budget_gb"], offload["prefetch"]
+        patcher.unload()  # the next load plans with the new settings
+    return patcher
 
 
 def compute_dtype(choice: str, device: torch.device, fp16: bool = True) -> torch.dtype | None:

@@ -16,8 +16,8 @@ from zimage_core.offload import activation_bytes
 from .conditioning import FRACTION_TOOLTIP, VARIETY_TOOLTIP
 from .controlnet import controls_of
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
+from .model import SamplerModel
 from .routes import confirmed_plan, to_client
-from .types import ZImageModel
 
 
 def _send(event: str, data: dict) -> None:
@@ -35,7 +35,8 @@ class ZImageSampler(io.ComfyNode):
                         "(no negative needed). Base: 28–50 steps, cfg 3–5 with a negative prompt. An encoded latent with "
                         "denoise < 1 does image-to-image; a latent with a noise mask inpaints.",
             inputs=[
-                ZImageModel.Input("model", tooltip="From Load Z-Image Model (or a LoRA node)."),
+                io.Model.Input("model", tooltip="A Z-Image MODEL: from Load Z-Image Model, a LoRA or patch node, or ComfyUI's "
+                                               "UNETLoader (the native model runs through its own apply_model)."),
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning (Z-Image Text Encode)."),
                 io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, or an encoded image for img2img/inpainting."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -74,15 +75,14 @@ class ZImageSampler(io.ComfyNode):
                 cfg_normalization=0.0, cfg_truncation=1.0, variety=0.0, variety_fraction=0.3) -> io.NodeOutput:
         steps, cfg, shift = resolve_preset(preset, steps, cfg, shift)
         settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation, variety, variety_fraction)
-        dit = model.module
-        job = prepare_sampling(dit, positive, negative, latent_image, settings)
-        job.control = controls_of(model)
+        sm = SamplerModel(model)
+        job = prepare_sampling(sm, positive, negative, latent_image, settings)
         b, _, h, w = job.noise.shape
-        model.activate()
-        if model.control_patchers:  # ControlNets stay resident while sampling (they are small)
-            mm.load_models_gpu(model.control_patchers)
-        model.patcher.load_for(activation_bytes(dit, w * 8, h * 8, b, cfg > 1.0))
-        previewer = latent_preview.get_previewer(model.patcher.load_device, comfy.latent_formats.Flux())
+        if sm.ours:
+            model.load_for(activation_bytes(sm.dit, w * 8, h * 8, b, cfg > 1.0))
+        else:
+            mm.load_models_gpu([model], memory_required=model.memory_required([b * (2 if cfg > 1.0 else 1), 16, h, w]))
+        previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
         pbar = comfy.utils.ProgressBar(steps)  # each step reports the true total (fewer steps when denoise < 1)
         timer = StepTimer()
         node = cls.hidden.unique_id if cls.hidden is not None else None
@@ -92,15 +92,15 @@ class ZImageSampler(io.ComfyNode):
             pbar.update_absolute(st.index + 1, st.total, preview)
             _send("zimage.progress", {"node": node, **timer.tick(st.index + 1, st.total)})
 
-        plan = confirmed_plan(model.patcher)
-        _send("zimage.plan", {"node": node, "model": os.path.basename(model.path.rstrip("/")), "plan": plan,
-                              "device": str(model.patcher.load_device)})
+        if sm.ours:
+            _send("zimage.plan", {"node": node, "model": os.path.basename(sm.dit.source_path.rstrip("/")),
+                                  "plan": confirmed_plan(model), "device": str(model.load_device)})
         try:
-            out = job.run(dit, callback=on_step, cancel=mm.processing_interrupted)
+            out = job.run(sm, callback=on_step, cancel=mm.processing_interrupted)
         except zc.ZImageInterrupted:
             mm.throw_exception_if_processing_interrupted()
             raise
         finally:
-            if model.patcher.streamer is not None:
-                model.patcher.streamer.drop_inflight()
+            if getattr(model, "streamer", None) is not None:
+                model.streamer.drop_inflight()
         return io.NodeOutput(out)

@@ -2,5 +2,4 @@
 
 from comfy_api.latest import io
 
-ZImageModel = io.Custom("ZIMAGE_MODEL")
 ZImageTextEncoder = io.Custom("ZIMAGE_TEXT_ENCODER")

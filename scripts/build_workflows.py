@@ -39,14 +39,18 @@ def files_note(model: str, tips: str, extra: tuple[str, ...] = ()) -> str:
 
 
 OUTPUT_TYPES = {
-    "ZImageModelLoader": ["ZIMAGE_MODEL"], "ZImageTextEncoderLoader": ["ZIMAGE_TEXT_ENCODER"],
+    "ZImageModelLoader": ["MODEL"], "ZImageTextEncoderLoader": ["ZIMAGE_TEXT_ENCODER"],
     "ZImageTextEncode": ["CONDITIONING"], "ZImageEmptyLatent": ["LATENT"], "ZImageSampler": ["LATENT"],
     "ZImageImageToLatent": ["LATENT"], "VAELoader": ["VAE"], "VAEDecode": ["IMAGE"], "SaveImage": [],
-    "LoadImage": ["IMAGE", "MASK"], "MarkdownNote": [], "ZImageLoraLoader": ["ZIMAGE_MODEL"],
-    "ZImageEditEncode": ["CONDITIONING", "CONDITIONING", "LATENT"], "ZImageControlNetLoader": ["ZIMAGE_CONTROLNET"],
-    "ZImageApplyControlNet": ["ZIMAGE_MODEL"], "Canny": ["IMAGE"],
+    "LoadImage": ["IMAGE", "MASK"], "MarkdownNote": [], "ZImageLoraLoader": ["MODEL"],
+    "ZImageEditEncode": ["CONDITIONING", "CONDITIONING", "LATENT"], "ModelSamplingAuraFlow": ["MODEL"], "KSampler": ["LATENT"],
+    "EmptySD3LatentImage": ["LATENT"], "ConditioningZeroOut": ["CONDITIONING"], "RandomNoise": ["NOISE"],
+    "KSamplerSelect": ["SAMPLER"], "BasicScheduler": ["SIGMAS"], "BasicGuider": ["GUIDER"],
+    "SamplerCustomAdvanced": ["LATENT", "LATENT"], "ZImageControlNetLoader": ["ZIMAGE_CONTROLNET"],
+    "ZImageApplyControlNet": ["MODEL"], "Canny": ["IMAGE"],
 }
-OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"], "ZImageEditEncode": ["positive", "negative", "latent"]}
+OUTPUT_NAMES = {"LoadImage": ["IMAGE", "MASK"], "ZImageEditEncode": ["positive", "negative", "latent"],
+                "SamplerCustomAdvanced": ["output", "denoised_output"]}
 
 
 class Graph:
@@ -89,7 +93,7 @@ class Graph:
 
 def finish(g: Graph, name: str, title: str, x: int, model: int, positive, latent, vae: int, values: list, negative=None):
     """Sampler → VAE Decode → Save Image at column ``x``; ``positive``/``latent``/``negative`` are (node, slot)."""
-    ins = [("model", "ZIMAGE_MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
+    ins = [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT")]
     ins += [("negative", "CONDITIONING")] if negative else []
     s = g.node("ZImageSampler", (x, 420), values, size=(320, 330), inputs=ins)
     g.link(model, 0, s, "model")
@@ -97,6 +101,11 @@ def finish(g: Graph, name: str, title: str, x: int, model: int, positive, latent
     g.link(*latent, s, "latent_image")
     if negative:
         g.link(*negative, s, "negative")
+    decode_and_save(g, name, title, x, s, vae)
+
+
+def decode_and_save(g: Graph, name: str, title: str, x: int, sampler: int, vae: int):
+    s = sampler
     dec = g.node("VAEDecode", (x + 360, 420), [], size=(200, 50), inputs=[("samples", "LATENT"), ("vae", "VAE")])
     g.link(s, 0, dec, "samples")
     g.link(vae, 0, dec, "vae")
@@ -122,7 +131,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, loras=
     g, m, te = base_graph(model, files_note(model, tips))
     for i, (lora, strength) in enumerate(loras):
         nxt = g.node("ZImageLoraLoader", (20, 880 + 130 * i), [lora, strength], size=(340, 90), title=f"LoRA {i + 1}",
-                     inputs=[("model", "ZIMAGE_MODEL")])
+                     inputs=[("model", "MODEL")])
         g.link(m, 0, nxt, "model")
         m = nxt
     pos = g.node("ZImageTextEncode", (400, 420), [PROMPT], size=(420, 200), title="Positive prompt",
@@ -137,6 +146,40 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, loras=
     vae = g.node("VAELoader", (400, 1050), ["ae.safetensors"], size=(320, 60))
     finish(g, name, title, 860, m, (pos, 0), (lat, 0), vae, [42, "randomize", preset, steps, cfg, 3.0, 1.0, 0.0, 1.0],
            (neg, 0) if neg else None)
+
+
+def core_sampling(name, title, advanced: bool, tips):
+    """The official template's shape with our loaders: model → ModelSamplingAuraFlow (shift 3) → core sampling."""
+    model = "z_image_turbo_bf16.safetensors"
+    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    ms = g.node("ModelSamplingAuraFlow", (400, 300), [3.0], size=(320, 60), inputs=[("model", "MODEL")])
+    g.link(m, 0, ms, "model")
+    pos = g.node("ZImageTextEncode", (400, 420), [PROMPT], size=(420, 200), title="Positive prompt",
+                 inputs=[("text_encoder", "ZIMAGE_TEXT_ENCODER")], color=("#232", "#353"))
+    g.link(te, 0, pos, "text_encoder")
+    lat = g.node("EmptySD3LatentImage", (400, 840), [1024, 1024, 1], size=(320, 110))
+    vae = g.node("VAELoader", (400, 1000), ["ae.safetensors"], size=(320, 60))
+    if advanced:
+        noise = g.node("RandomNoise", (860, 120), [42, "randomize"], size=(320, 80))
+        guider = g.node("BasicGuider", (860, 240), [], size=(320, 50), inputs=[("model", "MODEL"), ("conditioning", "CONDITIONING")])
+        g.link(ms, 0, guider, "model")
+        g.link(pos, 0, guider, "conditioning")
+        sel = g.node("KSamplerSelect", (860, 330), ["res_multistep"], size=(320, 60))
+        sched = g.node("BasicScheduler", (860, 430), ["simple", 8, 1.0], size=(320, 110), inputs=[("model", "MODEL")])
+        g.link(ms, 0, sched, "model")
+        s = g.node("SamplerCustomAdvanced", (860, 580), [], size=(320, 120), inputs=[
+            ("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")])
+        for src, inp in ((noise, "noise"), (guider, "guider"), (sel, "sampler"), (sched, "sigmas"), (lat, "latent_image")):
+            g.link(src, 0, s, inp)
+    else:
+        neg = g.node("ConditioningZeroOut", (400, 660), [], size=(320, 50), title="Negative (zeroed; cfg 1 ignores it)",
+                     inputs=[("conditioning", "CONDITIONING")])
+        g.link(pos, 0, neg, "conditioning")
+        s = g.node("KSampler", (860, 420), [42, "randomize", 8, 1.0, "res_multistep", "simple", 1.0], size=(320, 270),
+                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")])
+        for src, inp in ((ms, "model"), (pos, "positive"), (neg, "negative"), (lat, "latent_image")):
+            g.link(src, 0, s, inp)
+    decode_and_save(g, name, title, 1220, s, vae)
 
 
 def edit(name, title, image, with_mask, denoise, tips):
@@ -225,6 +268,15 @@ def main():
         "ai-toolkit, musubi/kohya, diffusers, LyCORIS/LoKr, DiffSynth). Chain more nodes to stack more; strength 0 "
         "turns one off. The example names are placeholders for your own files.",
         loras=[("zimage_style_lora.safetensors", 0.8), ("zimage_detail_lora.safetensors", 0.5)])
+    core_sampling(
+        "z_image_turbo_ksampler", "Z-Image-Turbo: our loaders with the core KSampler (official template shape)", False,
+        "**Core sampling:** our loader's output is a standard MODEL, so ComfyUI's own KSampler, ModelSamplingAuraFlow, "
+        "LoRA loaders and model patches work on it. This is the official template's graph: shift 3, 8 steps, cfg 1, "
+        "res_multistep / simple. The Z-Image Sampler adds the reference schedule, CFG normalisation and edit references.")
+    core_sampling(
+        "z_image_turbo_sampler_custom_advanced", "Z-Image-Turbo: SamplerCustomAdvanced", True,
+        "**Custom sampling:** noise, guider, sampler and sigmas as separate nodes (swap in any sampler or scheduler). "
+        "BasicGuider runs without CFG, as Turbo needs; use CFGGuider with a negative prompt for the base model.")
     edit("z_image_turbo_image_to_image", "Z-Image-Turbo: image to image", "zimage_example.png", False, 0.6,
          "**Settings:** put your picture in `input/` and pick it in Load Image. *denoise* is the strength: 0.3 keeps the "
          "composition, 0.8 repaints most of it.")

@@ -24,25 +24,26 @@ import comfy.model_management as mm
 spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
 pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
 from zimage_pack.nodes import lora as lora_node, memory
+from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel
 import zimage_core as zc
 from zimage_core.offload import module_bytes
 
 out = {}
-load = lambda: zc.load_transformer(path, dtype=torch.float32)
+load = lambda: ZImageBase(zc.load_transformer(path, dtype=torch.float32, cls=ZImageDiffusionModel))
 offload = {"mode": "auto", "budget_gb": 0.0, "prefetch": 2}
 h1 = memory.cached_load("transformer", path, load, {"dtype": "fp32"}, offload)
 h2 = memory.cached_load("transformer", path, load, {"dtype": "fp32"}, offload)
 h3 = memory.cached_load("transformer", path, load, {"dtype": "bf16"}, offload)
 out["cached_same"] = h1 is h2
-out["other_options_other_module"] = h1.module is not h3.module
+out["other_options_other_module"] = h1.model is not h3.model
 del h3; gc.collect()
 out["released_when_unreferenced"] = len(memory._CACHE) == 1
 
-model = h1.module
+model = h1.model.diffusion_model
 x, t, caps = torch.randn(1, 16, 8, 8), torch.tensor([0.4]), [torch.randn(7, 32)]
 with torch.inference_mode():
-    ref = model(x, t, caps)
-p = h1.patcher
+    ref = model.predict(x, t, caps)
+p = h1
 p.stream_on_cpu = True
 p.activations = 0
 total = module_bytes(model)
@@ -53,7 +54,7 @@ out["full_load"] = p.loaded_size() == total and p.last_plan.streamed == []
 freed = p.partially_unload(p.offload_device, 3 * max(blocks))   # another model needs room
 out["unload_frees_enough"] = freed >= 3 * max(blocks) - 1 and p.loaded_size() <= total - freed + 1
 with torch.inference_mode():
-    out["streamed_output_equal"] = bool(torch.equal(model(x, t, caps), ref))
+    out["streamed_output_equal"] = bool(torch.equal(model.predict(x, t, caps), ref))
 out["streamed_blocks_after_unload"] = len(p.last_plan.streamed)
 more = p.partially_load(p.load_device, 10 * max(blocks))         # memory came back
 out["load_more_grows"] = more > 0
@@ -61,19 +62,20 @@ p.budget_gb, p.mode = (3 * max(blocks) + total - sum(blocks)) / 1024**3 * 1.01, 
 p.partially_load(p.load_device, 1e32)                          # a user budget caps what ComfyUI offers
 out["budget_respected"] = p.loaded_size() <= p.budget_gb * 1024**3
 with torch.inference_mode():
-    out["budget_output_equal"] = bool(torch.equal(model(x, t, caps), ref))
+    out["budget_output_equal"] = bool(torch.equal(model.predict(x, t, caps), ref))
 p.detach()
 out["detach_empties"] = p.loaded_size() == 0 and p.current_loaded_device() == p.offload_device
 with torch.inference_mode():
-    out["after_detach_equal"] = bool(torch.equal(model(x, t, caps), ref))
+    out["after_detach_equal"] = bool(torch.equal(model.predict(x, t, caps), ref))
 out["dtype"] = str(p.model_dtype())
 parsed = lora_node.parsed(lora_path, model)
 out["lora_parse_cached"] = lora_node.parsed(lora_path, model) is parsed
-other = load()
+other = load().diffusion_model
 lora_node.parsed(lora_path, other)
 n = len(lora_node._PARSED)
 del other; gc.collect()
 out["lora_parse_dies_with_its_module"] = n == 2 and len(lora_node._PARSED) == 1
+out["clone_shares_state"] = p.clone().last_plan is p.last_plan and p.clone().mode == p.mode
 print("RESULT" + json.dumps(out))
 """
 

@@ -48,14 +48,18 @@ def shrink(prompt: dict) -> dict:
     for node in p.values():
         if node["class_type"] == "ZImageEmptyLatent":
             node["inputs"].update(resolution="custom", width=256, height=256)
+        if node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=256, height=256)
     return p
 
 
 def run(server, prompt, seed):
     p = copy.deepcopy(prompt)
     for node in p.values():
-        if node["class_type"] == "ZImageSampler":
+        if node["class_type"] in ("ZImageSampler", "KSampler"):
             node["inputs"]["seed"] = seed
+        if node["class_type"] == "RandomNoise":
+            node["inputs"]["noise_seed"] = seed
     t0 = time.time()
     entry = server.wait(server.queue(p))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -71,7 +75,7 @@ def test_example_workflow_runs(server, object_info, name):
     print(f"{name}: {seconds:.1f} s end to end")
     assert len(a) == 1
     img = a[0]
-    text_to_image = any(n["class_type"] == "ZImageEmptyLatent" for n in prompt.values())
+    text_to_image = any(n["class_type"] in ("ZImageEmptyLatent", "EmptySD3LatentImage") for n in prompt.values())
     expect = (256, 256) if text_to_image else (192, 256)  # the edit inputs are 256×192 pictures
     assert img.shape[:2] == expect and img.std() > 2, (img.shape, img.std())
     assert np.array_equal(a[0], b[0]), "same seed, same image"

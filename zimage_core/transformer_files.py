@@ -121,15 +121,17 @@ def load_transformer(
     device: torch.device | str = "cpu",
     storage_dtype: torch.dtype | None = None,
     attention_backend: str = "sdpa",
+    cls: type[ZImageTransformer] = ZImageTransformer,
 ) -> ZImageTransformer:
     """Load a Z-Image transformer from a ComfyUI single file or a diffusers folder (``transformer/`` or its parent).
 
     ``dtype`` is the compute dtype (default: the file's, bf16 for fp8 files). Linear weights keep their
     storage dtype unless ``storage_dtype`` asks otherwise (an fp8 type quantises per tensor on load).
+    ``cls`` may be a subclass with another call convention (the ComfyUI nodes use one).
     """
     files, plan, unexpected, layout, cfg, compute = read_transformer_header(path, dtype)
     with torch.device("meta"):
-        model = ZImageTransformer(cfg, dtype=compute)
+        model = cls(cfg, dtype=compute)
     names = dict(model.named_parameters())
     check_unexpected(files, unexpected + [plan[k].keys[0] for k in plan if k not in names], "Z-Image transformer")
     fill_module(

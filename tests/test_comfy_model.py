@@ -1,0 +1,159 @@
+"""Our loader's MODEL against ComfyUI's native Z-Image (UNETLoader) in one real ComfyUI server: the same API
+prompt, the same random weights and seeds, through KSampler, model sampling, core LoRA and our own sampler.
+
+ComfyUI recognises a Z-Image file only at its real width (dim 3840, 30 heads; comfy/model_detection.py), so
+the checkpoint is full width with one main layer and the 2 + 2 refiners, small images. Weights are stored in
+bf16 (half the RAM of fp32: both models hold them once more) and both models compute in fp32 on the CPU.
+"""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from comfy_harness import ROOT, ComfyServer, comfyui_path, comfyui_python
+from safetensors.torch import load_file, save_file
+from tiny import rel_err
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+COMFY = comfyui_path()
+if COMFY is None:
+    pytest.skip("no ComfyUI found (set COMFYUI_PATH or put one in ~/ComfyUI): real-ComfyUI tests skipped",
+                allow_module_level=True)
+
+CKPT = "z_image_full_width_1_layer.safetensors"
+TOL = 1e-4  # native NextDiT lands ~3e-5 from float64 truth per call (DESIGN.md §4); a few steps stay well inside
+
+
+def full_width_checkpoint(path: str, seed: int = 0) -> None:
+    """Random Z-Image weights in the ComfyUI single-file layout at the real width, one main layer. Names and
+    shapes come from our transformer on the meta device; ComfyUI's UNETLoader loading the file checks them."""
+    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+
+    with torch.device("meta"):
+        model = ZImageTransformer(ZImageConfig(n_layers=1))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if "norm" in name or name == "cap_embedder.0.weight":
+            v = 1.0 + 0.2 * r
+        elif p.ndim >= 2 and "pad_token" not in name:
+            v = r / p.shape[-1] ** 0.5
+        else:
+            v = 0.5 * r
+        sd[name] = v.to(torch.bfloat16)
+    save_file(sd, path)
+
+
+def lora_file(path: str, seed: int = 3) -> None:
+    """A rank-4 LoRA in ai-toolkit's diffusers names (to_q/to_k/to_v, to_out.0, feed_forward) on the main layer and a
+    refiner: ComfyUI maps them with its Z-Image key map, we with ours."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, sd = 3840, 10240, {}
+    for blk in ("layers.0", "noise_refiner.1"):
+        for mod, (o, i) in {"attention.to_q": (d, d), "attention.to_k": (d, d), "attention.to_v": (d, d),
+                            "attention.to_out.0": (d, d), "feed_forward.w1": (h, d), "feed_forward.w2": (d, h)}.items():
+            k = f"diffusion_model.{blk}.{mod}"
+            sd[k + ".lora_A.weight"] = torch.randn(4, i, generator=g) / i**0.5
+            sd[k + ".lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.05
+    save_file(sd, path)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("comfy_full_width"))
+    models = os.path.join(base, "models")
+    for sub in ("diffusion_models", "loras", "input"):
+        os.makedirs(os.path.join(models if sub != "input" else base, sub), exist_ok=True)
+    full_width_checkpoint(os.path.join(models, "diffusion_models", CKPT))
+    lora_file(os.path.join(models, "loras", "zimage_test_lora.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(1, 1, 8, 12)
+    mask[..., 2:6, 3:9] = 1.0
+    save_file({"positive": torch.randn(1, 37, 2560, generator=g), "negative": torch.randn(1, 19, 2560, generator=g)},
+              os.path.join(base, "input", "conds.safetensors"))
+    save_file({"samples": torch.randn(1, 16, 8, 12, generator=g), "noise_mask": mask},
+              os.path.join(base, "input", "latent.safetensors"))
+    os.makedirs(os.path.join(base, "custom_nodes"), exist_ok=True)
+    os.symlink(os.path.join(ROOT, "tests", "comfy_fixture_nodes"), os.path.join(base, "custom_nodes", "zimage_test_nodes"))
+    s = ComfyServer(COMFY, comfyui_python(COMFY), base, extra_args=("--cache-none",))  # one model in RAM at a time
+    yield s
+    s.stop()
+
+
+def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=3, shift=None, lora=None, mask=False,
+           denoise=1.0, ours_sampler=False) -> dict:
+    p = {"cond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "positive"}},
+         "uncond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "negative"}},
+         "latent": {"class_type": "ZImageTestLatent", "inputs": {"file": "latent.safetensors", "mask": mask}}}
+    if loader == "native":
+        p["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": CKPT, "weight_dtype": "default"}}
+    else:
+        p["model"] = {"class_type": "ZImageModelLoader", "inputs": {"model_name": CKPT, "weight_dtype": "auto",
+                      "attention": "sdpa", "offload": "auto", "vram_budget_gb": 0.0, "prefetch": 2}}
+    model = ["model", 0]
+    if shift is not None:
+        p["shift"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": shift}}
+        model = ["shift", 0]
+    if lora is not None:
+        p["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora, "strength_model": 0.8}}
+        model = ["lora", 0]
+    if ours_sampler:
+        p["sample"] = {"class_type": "ZImageSampler", "inputs": {
+            "model": model, "positive": ["cond", 0], "negative": ["uncond", 0], "latent_image": ["latent", 0], "seed": 5,
+            "preset": "custom", "steps": steps, "cfg": cfg, "shift": 3.0, "denoise": denoise}}
+    else:
+        p["sample"] = {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": 5, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "positive": ["cond", 0], "negative": ["uncond", 0], "latent_image": ["latent", 0], "denoise": denoise}}
+    p["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "latents/parity"}}
+    return p
+
+
+def run(srv, p: dict) -> torch.Tensor:
+    entry = srv.wait(srv.queue(copy.deepcopy(p)))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1]
+    info = entry["outputs"]["save"]["latents"][0]
+    return load_file(os.path.join(srv.base, "output", info["subfolder"], info["filename"]))["latent_tensor"]
+
+
+def parity(srv, **kw) -> float:
+    native, ours = run(srv, prompt("native", **kw)), run(srv, prompt("ours", **kw))
+    assert torch.isfinite(ours).all() and ours.std() > 0.1
+    return rel_err(ours, native)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "simple"), ("res_multistep", "simple"), ("dpmpp_2m_sde", "beta"),
+                                               ("er_sde", "sgm_uniform")])
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_ksampler_matches_native(srv, sampler, scheduler, cfg):
+    err = parity(srv, sampler=sampler, scheduler=scheduler, cfg=cfg)
+    print(f"{sampler}/{scheduler} cfg {cfg}: ours vs native {err:.2e}")
+    assert err < TOL
+
+
+def test_model_sampling_shift_matches_native(srv):
+    base, shifted = run(srv, prompt("ours")), run(srv, prompt("ours", shift=6.0))
+    assert rel_err(shifted, base) > 1e-2  # the shift reaches our model
+    assert parity(srv, shift=6.0) < TOL
+
+
+def test_core_lora_loader_matches_native(srv):
+    plain = run(srv, prompt("ours"))
+    assert rel_err(run(srv, prompt("ours", lora="zimage_test_lora.safetensors")), plain) > 1e-3
+    assert parity(srv, lora="zimage_test_lora.safetensors") < TOL
+    assert torch.equal(run(srv, prompt("ours")), plain)  # the LoRA clone leaves the shared weights as they were
+
+
+def test_noise_mask_matches_native(srv):
+    assert parity(srv, mask=True, denoise=0.6) < TOL
+
+
+def test_our_sampler_on_native_model_equals_ours(srv):
+    for cfg in (1.0, 4.0):
+        native = run(srv, prompt("native", ours_sampler=True, cfg=cfg))
+        ours = run(srv, prompt("ours", ours_sampler=True, cfg=cfg))
+        assert rel_err(ours, native) < TOL
+    assert not np.isclose(ours.std().item(), 0.0)
