@@ -169,7 +169,9 @@ class ZImagePatcher(ModelPatcher):
             owner.weight_scale = scale.to(w.device)
         elif scale is not None:
             owner.weight_scale = None
-        setattr(owner, leaf, torch.nn.Parameter(out.to(w.device, w.dtype), requires_grad=False))
+        # a weight stored narrower than compute (a bf16 file run in fp32) keeps the merge at compute precision
+        wide = self.net.compute_dtype if w.dtype not in FP8_DTYPES and w.dtype.itemsize < self.net.compute_dtype.itemsize else w.dtype
+        setattr(owner, leaf, torch.nn.Parameter(out.to(w.device, wide), requires_grad=False))
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
