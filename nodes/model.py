@@ -17,8 +17,11 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 import comfy.supported_models
 import torch
+from comfy.ldm.flux.layers import EmbedND
 
 import zimage_core as zc
+from zimage_core.blocks import BlockCall, BlockRun
+from zimage_core.packing import grid_ids, pad_to_multiple
 from zimage_core.transformer import ZImageTransformer
 
 
@@ -44,8 +47,59 @@ class ZImageDiffusionModel(ZImageTransformer):
         h, w = x.shape[-2:]
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (self.cfg.patch_size, self.cfg.patch_size))
         # native NextDiT reads every context token (it ignores attention_mask), so do we
-        out = self.predict(x, 1.0 - timesteps.float(), list(context))
-        return -out[..., :h, :w]
+        captions = list(context)
+        run = comfy_block_run(self, transformer_options or {}, x, captions)
+        return -self.predict(x, 1.0 - timesteps.float(), captions, run=run)[..., :h, :w]
+
+
+def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, captions: list, run: BlockRun | None = None) -> BlockRun:
+    """``transformer_options`` at native NextDiT's patch points, as block hooks: ``block_index`` / ``total_blocks`` /
+    ``block_type`` set before each main layer, and the ``noise_refiner`` and ``double_block`` patches called after
+    their blocks with native's arguments (image tokens with their pads, the block input, native-format rope,
+    the time embedding, the padded latent); they may edit the tokens in place or return replacements.
+    ``run`` (e.g. the sampler's cancel check) is kept."""
+    run = run or BlockRun()
+    patches = to.get("patches", {})
+    p, n_img = dit.cfg.patch_size, (x.shape[-2] // dit.cfg.patch_size) * (x.shape[-1] // dit.cfg.patch_size)
+    img_len = pad_to_multiple(n_img)
+    memo: dict = {}
+
+    def rope() -> torch.Tensor:  # native's freqs_cis for each sample's image tokens: ids (caption run + 1, h, w), pads 0
+        if "pe" not in memo:
+            ids = [torch.cat([grid_ids(x.shape[-2] // p, x.shape[-1] // p, pad_to_multiple(len(c)) + 1, x.device),
+                              torch.zeros(img_len - n_img, 3, dtype=torch.long, device=x.device)]) for c in captions]
+            memo["pe"] = EmbedND(dit.cfg.head_dim, dit.cfg.rope_theta, list(dit.cfg.axes_dims))(torch.stack(ids).float()).movedim(1, 2)
+        return memo["pe"]
+
+    def before(call: BlockCall, h, inner):
+        if call.index == 0:
+            memo[call.stage] = h  # the stage's input: native's img_input
+        if call.stage == "layers":
+            to.update(block_index=call.index, total_blocks=len(dit.layers), block_type="double")
+        return inner(h)
+
+    def after(call: BlockCall, h):
+        name = {"noise_refiner": "noise_refiner", "layers": "double_block"}.get(call.stage)
+        if name not in patches:
+            return h
+        if call.stage == "noise_refiner":
+            img, img_in, txt = h, memo["noise_refiner"], None  # native's txt here is the refined caption; ours refines it later
+        else:
+            cap = call.spans[0]["caption"]
+            img, img_in, txt = h[:, :img_len], memo["layers"][:, :img_len], h[:, cap]
+        for patch in patches[name]:
+            out = patch({"img": img, "img_input": img_in, "txt": txt, "pe": rope(), "vec": call.temb, "x": x,
+                         "block_index": call.index, "transformer_options": to, "block_type": call.stage})
+            if call.stage == "noise_refiner":
+                img = h = out.get("img", h)
+            else:
+                if "img" in out:
+                    h[:, :img_len] = out["img"]
+                if "txt" in out:
+                    h[:, cap] = out["txt"]
+        return h
+
+    return BlockRun(cancel=run.cancel, wraps=[*run.wraps, before], after=[*run.after, after])
 
 
 def model_config(cfg: zc.ZImageConfig, dtype: torch.dtype) -> comfy.supported_models.ZImage:
@@ -87,15 +141,6 @@ class SamplerModel:
     def device(self) -> torch.device:
         return self.dit.device if self.ours else self.patcher.load_device
 
-    @property
-    def run_block(self):  # the sampler's cancel check wraps our block runner
-        return self.dit.run_block if self.ours else (lambda block, *a: block(*a))
-
-    @run_block.setter
-    def run_block(self, fn):
-        if self.ours:
-            self.dit.run_block = fn
-
     def options(self) -> dict:
         """transformer_options as ComfyUI's samplers pass them: the MODEL's patches plus its wrappers and callbacks."""
         opts = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
@@ -104,12 +149,15 @@ class SamplerModel:
         pe.merge_nested_dicts(to.setdefault("callbacks", {}), self.patcher.callbacks, copy_dict1=False)
         return to
 
-    def __call__(self, x, t, captions, **omni):
-        if self.ours:
-            return self.dit.predict(x, t, captions, **omni)
-        if omni:
+    def forward_omni(self, x, t, captions, run=None, **omni):
+        if not self.ours:
             raise zc.ZImageError("Omni/edit references need our Z-Image loader; the native UNETLoader model runs "
                                  "text-to-image, image-to-image and inpainting here.")
+        return self.dit.forward_omni(x, t, captions, run=run, **omni)
+
+    def __call__(self, x, t, captions, run=None):
+        if self.ours:
+            return self.dit.predict(x, t, captions, run=comfy_block_run(self.dit, self.options(), x, captions, run))
         sigma = (1.0 - torch.as_tensor(t, dtype=torch.float32, device=x.device)).reshape(-1).expand(len(x))
         outs = []
         for i in range(len(x)):  # one sample a call: native NextDiT reads every context token, so never pad captions

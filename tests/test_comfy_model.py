@@ -12,9 +12,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ROOT, ComfyServer, comfyui_path, comfyui_python
+from comfy_harness import ROOT, ComfyServer, comfy_vae, comfyui_path, comfyui_python
 from safetensors.torch import load_file, save_file
-from tiny import rel_err
+from tiny import rel_err, sample_picture
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 COMFY = comfyui_path()
@@ -65,10 +65,13 @@ def lora_file(path: str, seed: int = 3) -> None:
 def srv(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfy_full_width"))
     models = os.path.join(base, "models")
-    for sub in ("diffusion_models", "loras", "input"):
+    for sub in ("diffusion_models", "loras", "model_patches", "vae", "input"):
         os.makedirs(os.path.join(models if sub != "input" else base, sub), exist_ok=True)
     full_width_checkpoint(os.path.join(models, "diffusion_models", CKPT))
     lora_file(os.path.join(models, "loras", "zimage_test_lora.safetensors"))
+    fun_controlnet_v1(os.path.join(models, "model_patches", "zimage_fun_controlnet_v1.safetensors"))
+    comfy_vae(os.path.join(models, "vae", "ae.safetensors"))
+    sample_picture(96, 64, seed=3).save(os.path.join(base, "input", "control.png"))
     g = torch.Generator().manual_seed(1)
     mask = torch.zeros(1, 1, 8, 12)
     mask[..., 2:6, 3:9] = 1.0
@@ -84,7 +87,7 @@ def srv(tmp_path_factory):
 
 
 def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=3, shift=None, lora=None, mask=False,
-           denoise=1.0, ours_sampler=False) -> dict:
+           denoise=1.0, ours_sampler=False, controlnet=False) -> dict:
     p = {"cond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "positive"}},
          "uncond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "negative"}},
          "latent": {"class_type": "ZImageTestLatent", "inputs": {"file": "latent.safetensors", "mask": mask}}}
@@ -100,6 +103,13 @@ def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=3
     if lora is not None:
         p["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora, "strength_model": 0.8}}
         model = ["lora", 0]
+    if controlnet:
+        p["patch"] = {"class_type": "ModelPatchLoader", "inputs": {"name": "zimage_fun_controlnet_v1.safetensors"}}
+        p["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}
+        p["image"] = {"class_type": "LoadImage", "inputs": {"image": "control.png"}}
+        p["cnet"] = {"class_type": "ZImageFunControlnet", "inputs": {"model": model, "model_patch": ["patch", 0], "vae": ["vae", 0],
+                                                                     "strength": 0.8, "image": ["image", 0]}}
+        model = ["cnet", 0]
     if ours_sampler:
         p["sample"] = {"class_type": "ZImageSampler", "inputs": {
             "model": model, "positive": ["cond", 0], "negative": ["uncond", 0], "latent_image": ["latent", 0], "seed": 5,
@@ -147,6 +157,13 @@ def test_core_lora_loader_matches_native(srv):
     assert torch.equal(run(srv, prompt("ours")), plain)  # the LoRA clone leaves the shared weights as they were
 
 
+def test_fun_controlnet_model_patch_matches_native(srv):
+    """ComfyUI's own ModelPatchLoader + ZImageFunControlnet (noise_refiner and double_block patches) on our model."""
+    plain = run(srv, prompt("ours", steps=2))
+    assert rel_err(run(srv, prompt("ours", steps=2, controlnet=True)), plain) > 1e-2
+    assert parity(srv, steps=2, controlnet=True) < TOL
+
+
 def test_noise_mask_matches_native(srv):
     assert parity(srv, mask=True, denoise=0.6) < TOL
 
@@ -157,3 +174,36 @@ def test_our_sampler_on_native_model_equals_ours(srv):
         ours = run(srv, prompt("ours", ours_sampler=True, cfg=cfg))
         assert rel_err(ours, native) < TOL
     assert not np.isclose(ours.std().item(), 0.0)
+
+
+def fun_controlnet_v1(path: str, seed: int = 4) -> None:
+    """Random weights in the layout of alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union v1 (6 control layers, 2 control
+    noise refiners, 16-channel control latents), with diffusers attention names (to_q/to_k/to_v, to_out.0, norm_q/k)
+    as ComfyUI's loader expects them (comfy_extras/nodes_model_patch.py: z_image_convert, ModelPatchLoader)."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, sd = 3840, 10240, {}
+
+    def rand(shape, kind="w"):
+        r = torch.randn(shape, generator=g)
+        return (1.0 + 0.2 * r if kind == "norm" else 0.02 * r if kind == "b" else r / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    def block(prefix: str, control: int | None):
+        for q in ("to_q", "to_k", "to_v", "to_out.0"):
+            sd[f"{prefix}.attention.{q}.weight"] = rand((d, d))
+        sd[f"{prefix}.attention.norm_q.weight"] = rand((128,), "norm")
+        sd[f"{prefix}.attention.norm_k.weight"] = rand((128,), "norm")
+        sd[f"{prefix}.feed_forward.w1.weight"], sd[f"{prefix}.feed_forward.w3.weight"] = rand((h, d)), rand((h, d))
+        sd[f"{prefix}.feed_forward.w2.weight"] = rand((d, h))
+        for n in ("attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"):
+            sd[f"{prefix}.{n}.weight"] = rand((d,), "norm")
+        sd[f"{prefix}.adaLN_modulation.0.weight"], sd[f"{prefix}.adaLN_modulation.0.bias"] = rand((4 * d, 256)), rand((4 * d,), "b")
+        if control is not None:
+            for proj in ("before_proj", "after_proj") if control == 0 else ("after_proj",):
+                sd[f"{prefix}.{proj}.weight"], sd[f"{prefix}.{proj}.bias"] = rand((d, d)), rand((d,), "b")
+
+    for i in range(6):
+        block(f"control_layers.{i}", i)
+    for i in range(2):
+        block(f"control_noise_refiner.{i}", None)
+    sd["control_all_x_embedder.2-1.weight"], sd["control_all_x_embedder.2-1.bias"] = rand((d, 64)), rand((d,), "b")
+    save_file(sd, path)
