@@ -26,13 +26,13 @@ CKPT = "z_image_full_width_1_layer.safetensors"
 TOL = 1e-4  # native NextDiT lands ~3e-5 from float64 truth per call (DESIGN.md §4); a few steps stay well inside
 
 
-def full_width_checkpoint(path: str, seed: int = 0) -> None:
+def full_width_checkpoint(path: str, seed: int = 0, n_layers: int = 1) -> None:
     """Random Z-Image weights in the ComfyUI single-file layout at the real width, one main layer. Names and
     shapes come from our transformer on the meta device; ComfyUI's UNETLoader loading the file checks them."""
     from zimage_core.transformer import ZImageConfig, ZImageTransformer
 
     with torch.device("meta"):
-        model = ZImageTransformer(ZImageConfig(n_layers=1))
+        model = ZImageTransformer(ZImageConfig(n_layers=n_layers))
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for name, p in model.named_parameters():

@@ -293,3 +293,17 @@ def test_malicious_files_selected_in_the_loader_leave_the_server_answering(serve
     finally:
         for n in names:
             os.remove(os.path.join(folder, n))
+
+
+def test_clip_output_encodes_like_our_text_encode(server, object_info):
+    """The loader's CLIP output through core CLIPTextEncode (ComfyUI's Z-Image tokenizer and template) gives the
+    same conditioning as Z-Image Text Encode: the same picture for the same seed."""
+    ours = shrink(to_api(load_workflow("z_image_turbo_text_to_image.json"), object_info))
+    core = copy.deepcopy(ours)
+    loader = next(k for k, n in core.items() if n["class_type"] == "ZImageTextEncoderLoader")
+    for node in core.values():
+        if node["class_type"] == "ZImageTextEncode":
+            node.update(class_type="CLIPTextEncode", inputs={"clip": [loader, 1], "text": node["inputs"]["prompt"]})
+    a, _ = run(server, ours, 21)
+    b, _ = run(server, core, 21)
+    assert np.abs(a[0] - b[0]).mean() < 0.5
