@@ -21,6 +21,11 @@ COMFY = comfyui_path()
 if COMFY is None:
     pytest.skip("no ComfyUI found (set COMFYUI_PATH or put one in ~/ComfyUI): real-ComfyUI tests skipped",
                 allow_module_level=True)
+# At full width every model call reads ~1 G parameters: on a 2-core CI runner this module alone takes longer than
+# the whole suite's budget, and it needs ~6 GB of RAM (both models, the ControlNet). Opt in where that fits.
+if os.environ.get("ZIMAGE_FULL_WIDTH_TESTS") != "1":
+    pytest.skip("full-width native-vs-ours parity (≈6 GB RAM, minutes per test on 2 cores): set ZIMAGE_FULL_WIDTH_TESTS=1",
+                allow_module_level=True)
 
 CKPT = "z_image_full_width_1_layer.safetensors"
 TOL = 1e-4  # native NextDiT lands ~3e-5 from float64 truth per call (DESIGN.md §4); a few steps stay well inside
