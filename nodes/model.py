@@ -66,9 +66,10 @@ def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, captions:
 
     def rope() -> torch.Tensor:  # native's freqs_cis for each sample's image tokens: ids (caption run + 1, h, w), pads 0
         if "pe" not in memo:
-            ids = [torch.cat([grid_ids(x.shape[-2] // p, x.shape[-1] // p, pad_to_multiple(len(c)) + 1, x.device),
-                              torch.zeros(img_len - n_img, 3, dtype=torch.long, device=x.device)]) for c in captions]
-            memo["pe"] = EmbedND(dit.cfg.head_dim, dit.cfg.rope_theta, list(dit.cfg.axes_dims))(torch.stack(ids).float()).movedim(1, 2)
+            ids = [torch.cat([grid_ids(x.shape[-2] // p, x.shape[-1] // p, pad_to_multiple(len(c)) + 1),
+                              torch.zeros(img_len - n_img, 3, dtype=torch.long)]) for c in captions]
+            ids = torch.stack(ids).to(x.device, torch.float32)
+            memo["pe"] = EmbedND(dit.cfg.head_dim, dit.cfg.rope_theta, list(dit.cfg.axes_dims))(ids).movedim(1, 2)
         return memo["pe"]
 
     def before(call: BlockCall, h, inner):
