@@ -5,8 +5,8 @@ Why a model patch rather than conditioning: the hints go into the transformer's 
 (conditional and unconditional alike, as the reference pipelines do), so they belong to the model, like
 ComfyUI's native ``ZImageFunControlnet``. The Apply node returns a copy of the model carrying the controls;
 the input model stays plain for other branches, several Apply nodes stack, and LoRA nodes compose either side.
-On a ComfyUI MODEL the controls ride in ``transformer_options["zimage_control"]`` (where a Z-Image diffusion
-model reads them on every sampler call, KSampler included) and the control model is an additional model that
+The controls ride in the MODEL's ``transformer_options["zimage_control"]`` (where our diffusion model reads them
+on every sampler call, KSampler included: nodes/model.py) and the control model is an additional model that
 ComfyUI's memory manager loads with it.
 """
 
@@ -24,11 +24,10 @@ import zimage_core as zc
 from zimage_core.controlnet import Control, ControlImage, load_controlnet, prepare_control
 
 from .loaders import file_identity
-from .types import ZImageModel
+from .model import CONTROL, ZImageDiffusionModel
 
 ZImageControlNet = io.Custom("ZIMAGE_CONTROLNET")
 FOLDERS = ("model_patches", "controlnet")
-KEY = "zimage_control"
 _LOADED: dict[tuple, ModelPatcher] = {}
 
 
@@ -49,24 +48,20 @@ def control_path(name: str) -> str:
     raise zc.ZImageError(f"{name} is not in models/model_patches or models/controlnet; put the file there.")
 
 
-def controls_of(model) -> list[Control]:
-    """The controls a model carries (a MODEL's transformer_options, or our model handle)."""
-    if isinstance(model, ModelPatcher):
-        return list(model.model_options.get("transformer_options", {}).get(KEY, ()))
-    return list(model.controls)
+def controls_of(model: ModelPatcher) -> list[Control]:
+    """The controls a MODEL carries in its transformer_options."""
+    return list(model.model_options.get("transformer_options", {}).get(CONTROL, ()))
 
 
-def with_control(model, control: Control, patcher: ModelPatcher):
+def with_control(model: ModelPatcher, control: Control, patcher: ModelPatcher) -> ModelPatcher:
     """A copy of ``model`` with one more control; the control model's patcher joins the ones ComfyUI loads."""
-    if isinstance(model, ModelPatcher):
-        out = model.clone()
-        to = out.model_options.setdefault("transformer_options", {})
-        to[KEY] = [*to.get(KEY, ()), control]
-        out.set_additional_models(KEY, [*out.get_additional_models_with_key(KEY), patcher])
-        return out
-    out = type(model)(model.module, model.patcher, model.path, model.options)
-    out.loras = list(model.loras)
-    out.controls, out.control_patchers = [*model.controls, control], [*model.control_patchers, patcher]
+    if not isinstance(getattr(model.model, "diffusion_model", None), ZImageDiffusionModel):
+        raise zc.ZImageError("Z-Image Apply ControlNet needs the MODEL of Load Z-Image Model; for ComfyUI's own "
+                             "UNETLoader model use ModelPatchLoader + ZImageFunControlnet.")
+    out = model.clone()
+    to = out.model_options.setdefault("transformer_options", {})
+    to[CONTROL] = [*to.get(CONTROL, ()), control]
+    out.set_additional_models(CONTROL, [*out.get_additional_models_with_key(CONTROL), patcher])
     return out
 
 
@@ -150,7 +145,7 @@ class ZImageApplyControlNet(io.ComfyNode):
                         "gray, tile…). With a 2.x model, an image to inpaint and its mask make it a ControlNet inpainter. "
                         "Returns a copy of the model; chain several to stack controls.",
             inputs=[
-                ZImageModel.Input("model", tooltip="The Z-Image model to guide (from the loader or a LoRA node)."),
+                io.Model.Input("model", tooltip="The MODEL of Load Z-Image Model to guide (or of a LoRA / patch node after it)."),
                 ZImageControlNet.Input("control_net", tooltip="From Z-Image ControlNet Loader."),
                 io.Vae.Input("vae", tooltip="The Z-Image (FLUX) VAE: the images are encoded with it."),
                 io.Float.Input("strength", default=0.75, min=-2.0, max=2.0, step=0.05,
@@ -165,7 +160,8 @@ class ZImageApplyControlNet(io.ComfyNode):
                                tooltip="2.x models: the image to inpaint; the masked area is blanked before encoding."),
                 io.Mask.Input("mask", optional=True, tooltip="2.x models: white = regenerate, with inpaint_image."),
             ],
-            outputs=[ZImageModel.Output(tooltip="The model with this control added; the input model stays plain.")],
+            outputs=[io.Model.Output(tooltip="The model with this control added (KSampler or the Z-Image Sampler); the "
+                                             "input model stays plain.")],
         )
 
     @classmethod

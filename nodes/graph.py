@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -259,14 +259,13 @@ class SamplingJob:
     mask: torch.Tensor | None
     settings: SamplerSettings
     extra: dict
-    control: list = field(default_factory=list)  # Fun ControlNets (zimage_core.controlnet.Control) the model carries
 
     def run(self, model, callback: Callable[[zc.Step], None] | None = None, cancel: Callable[[], bool] | None = None) -> dict:
         """LATENT out in raw VAE space, as core VAEDecode expects."""
         s = self.settings
         x = zc.sample(model, self.noise, self.positive, self.negative, sigmas=self.sigmas, cfg=s.cfg,
                       cfg_normalization=s.cfg_normalization, cfg_truncation=s.cfg_truncation, init_latents=self.init,
-                      mask=self.mask, shift=s.shift, callback=callback, cancel=cancel, control=self.control)
+                      mask=self.mask, shift=s.shift, callback=callback, cancel=cancel)
         return {**self.extra, "samples": zc.from_model_space(x).cpu()}
 
 

@@ -25,6 +25,7 @@ from comfy.weight_adapter import LoRAAdapter
 from zimage_core.layers import FP8_DTYPES, Linear
 from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
 from zimage_core.offload import GB, BlockStreamer, OffloadPlan, module_bytes, plan_offload
+from zimage_core.packed import Packed
 from zimage_core.quant import quantize_fp8
 
 log = logging.getLogger("zimage")
@@ -63,9 +64,10 @@ class ZImagePatcher(ModelPatcher):
     """A ModelPatcher over our ``ZImageBase`` (or the text encoder module) whose loading streams blocks.
 
     ComfyUI weight patches (core LoRA loaders, our LoRA node) are merged into the host weights before the
-    streamer places them, so resident and streamed blocks alike compute with them. fp8 weights are never
-    re-quantised for a plain LoRA: its factors ride along as run-time patches of our Linear; other adapters on
-    fp8 are merged in fp32 and re-quantised with a fresh scale. Clones share the weights, so they share the state.
+    streamer places them, so resident and streamed blocks alike compute with them. fp8 and packed weights (GGUF,
+    ComfyUI quant formats) are never re-quantised for a plain LoRA: its factors ride along as run-time patches of
+    our Linear; other adapters become a dense run-time delta on packed weights, and on fp8 are merged in fp32 and
+    re-quantised with a fresh scale. Clones share the weights, so they share the state.
     """
 
     # On a CPU device the weights already live where compute runs, so loading streams nothing. Tests set this
@@ -84,6 +86,9 @@ class ZImagePatcher(ModelPatcher):
         self.state: OffloadState = model.__dict__["zimage_offload"]
 
     # -- what ComfyUI asks ------------------------------------------------------------------------
+    def model_size(self) -> int:  # stored bytes (fp8, packed) plus run-time LoRA patches, as they stand now
+        return module_bytes(self.net)
+
     def model_dtype(self):
         return self.net.compute_dtype
 
@@ -150,8 +155,12 @@ class ZImagePatcher(ModelPatcher):
         owner_name, _, leaf = key.rpartition(".")
         owner = self.model.get_submodule(owner_name)
         w = getattr(owner, leaf)
-        if w.dtype in FP8_DTYPES and isinstance(owner, Linear) and leaf == "weight":
+        if isinstance(owner, Linear) and leaf == "weight" and owner.patch_only:
             factors = lora_factors(self.patches[key], owner.out_features)
+            if factors is None and isinstance(w, Packed):  # any other adapter: its exact delta on the expanded weight
+                base = w.dequantize(torch.float32).to(self.load_device)
+                delta = comfy.lora.calculate_weight(self.patches[key], base.clone(), key, intermediate_dtype=torch.float32) - base
+                factors = [(None, delta.to(w.device, self.net.compute_dtype), 1.0)]
             if factors is not None:
                 owner.patches = factors
                 self.state.runtime.add(owner_name)
@@ -185,10 +194,11 @@ class ZImagePatcher(ModelPatcher):
         super().unpatch_model(device_to, unpatch_weights)
 
     # -- what our nodes ask -----------------------------------------------------------------------
-    def load_for(self, activations: int) -> None:
-        """Ask ComfyUI for room and load (or stream) the model for a run needing ``activations`` bytes."""
+    def load_for(self, activations: int, extra=()) -> None:
+        """Ask ComfyUI for room and load (or stream) the model, with ``extra`` models (loaded whole), for a run
+        needing ``activations`` bytes."""
         self.activations = activations
-        mm.load_models_gpu([self], memory_required=activations)
+        mm.load_models_gpu([self, *extra], memory_required=activations)
 
     def unload(self) -> None:
         """Leave the GPU now (the text encoder does this after encoding)."""

@@ -11,6 +11,8 @@ ComfyUI's own Z-Image model config: flow sampling with shift 3, the Flux latent 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import comfy.ldm.common_dit
 import comfy.model_base
 import comfy.model_patcher
@@ -21,8 +23,13 @@ from comfy.ldm.flux.layers import EmbedND
 
 import zimage_core as zc
 from zimage_core.blocks import BlockCall, BlockRun
+from zimage_core.controlnet import control_hooks
+from zimage_core.packed import Packed
 from zimage_core.packing import grid_ids, pad_to_multiple
 from zimage_core.transformer import ZImageTransformer
+
+# transformer_options keys of ours: Fun ControlNets (nodes/controlnet.py) and the shift their start/end percents use
+CONTROL, SHIFT = "zimage_control", "zimage_shift"
 
 
 class ZImageDiffusionModel(ZImageTransformer):
@@ -48,17 +55,22 @@ class ZImageDiffusionModel(ZImageTransformer):
         x = comfy.ldm.common_dit.pad_to_patch_size(x, (self.cfg.patch_size, self.cfg.patch_size))
         # native NextDiT reads every context token (it ignores attention_mask), so do we
         captions = list(context)
-        run = comfy_block_run(self, transformer_options or {}, x, captions)
-        return -self.predict(x, 1.0 - timesteps.float(), captions, run=run)[..., :h, :w]
+        t = 1.0 - timesteps.float()
+        run = comfy_block_run(self, transformer_options or {}, x, t, captions)
+        return -self.predict(x, t, captions, run=run)[..., :h, :w]
 
 
-def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, captions: list, run: BlockRun | None = None) -> BlockRun:
+def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, t: torch.Tensor, captions: list,
+                    run: BlockRun | None = None) -> BlockRun:
     """``transformer_options`` at native NextDiT's patch points, as block hooks: ``block_index`` / ``total_blocks`` /
     ``block_type`` set before each main layer, and the ``noise_refiner`` and ``double_block`` patches called after
     their blocks with native's arguments (image tokens with their pads, the block input, native-format rope,
-    the time embedding, the padded latent); they may edit the tokens in place or return replacements.
-    ``run`` (e.g. the sampler's cancel check) is kept."""
+    the time embedding, the padded latent); they may edit the tokens in place or return replacements. Our Fun
+    ControlNets (``to[CONTROL]``) add their hints first, at model time ``t``. ``run`` (e.g. the sampler's cancel
+    check) is kept."""
     run = run or BlockRun()
+    if to.get(CONTROL):
+        run = replace(run, after=[*run.after, *control_hooks(to[CONTROL], dit, t, tuple(x.shape[-2:]), to.get(SHIFT, 3.0))])
     patches = to.get("patches", {})
     p, n_img = dit.cfg.patch_size, (x.shape[-2] // dit.cfg.patch_size) * (x.shape[-1] // dit.cfg.patch_size)
     img_len = pad_to_multiple(n_img)
@@ -124,15 +136,29 @@ class ZImageBase(comfy.model_base.Lumina2):
         self.memory_usage_factor_conds = ("ref_latents",)
         self.diffusion_model = dit
 
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        to = {**(transformer_options or {}), SHIFT: float(getattr(self.model_sampling, "shift", 3.0))}  # as patched now
+        return super()._apply_model(x, t, c_concat, c_crossattn, control, to, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        """Also lists packed weights (GGUF, ComfyUI quant formats; not Parameters) with their Packed objects, so
+        ComfyUI's LoRA key map and ``add_patches`` address them (the patcher turns their patches into run-time ones)."""
+        sd = super().state_dict(*args, **kwargs)
+        if not args and not kwargs:
+            for name, m in self.named_modules():
+                if isinstance(m.__dict__.get("weight"), Packed):
+                    sd[f"{name}.weight"] = m.weight
+        return sd
 
 
 class SamplerModel:
     """A MODEL (ours, or native Z-Image from UNETLoader) as zimage_core's sampler calls a transformer:
     ``model(x, t, captions)`` → x0 − noise, t the model time. Ours is called directly (exact, no σ round trip)
-    with the MODEL's transformer_options; the native one through its own ``apply_model``."""
+    with the MODEL's transformer_options (``shift``: what our ControlNets' start/end percents map with); the native
+    one through its own ``apply_model``."""
 
-    def __init__(self, patcher):
-        self.patcher, self.base = patcher, patcher.model
+    def __init__(self, patcher, shift: float = 3.0):
+        self.patcher, self.base, self.shift = patcher, patcher.model, shift
         self.dit = self.base.diffusion_model
         self.ours = isinstance(self.dit, ZImageDiffusionModel)
         self.compute_dtype = self.base.get_dtype_inference()
@@ -148,6 +174,7 @@ class SamplerModel:
         to = opts.setdefault("transformer_options", {})
         pe.merge_nested_dicts(to.setdefault("wrappers", {}), self.patcher.wrappers, copy_dict1=False)
         pe.merge_nested_dicts(to.setdefault("callbacks", {}), self.patcher.callbacks, copy_dict1=False)
+        to[SHIFT] = self.shift
         return to
 
     def forward_omni(self, x, t, captions, run=None, **omni):
@@ -158,7 +185,7 @@ class SamplerModel:
 
     def __call__(self, x, t, captions, run=None):
         if self.ours:
-            return self.dit.predict(x, t, captions, run=comfy_block_run(self.dit, self.options(), x, captions, run))
+            return self.dit.predict(x, t, captions, run=comfy_block_run(self.dit, self.options(), x, t, captions, run))
         sigma = (1.0 - torch.as_tensor(t, dtype=torch.float32, device=x.device)).reshape(-1).expand(len(x))
         outs = []
         for i in range(len(x)):  # one sample a call: native NextDiT reads every context token, so never pad captions

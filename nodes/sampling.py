@@ -14,7 +14,6 @@ import zimage_core as zc
 from zimage_core.offload import activation_bytes
 
 from .conditioning import FRACTION_TOOLTIP, VARIETY_TOOLTIP
-from .controlnet import controls_of
 from .graph import PRESET_CHOICES, SamplerSettings, StepTimer, prepare_sampling, resolve_preset
 from .model import SamplerModel
 from .routes import confirmed_plan, to_client
@@ -75,13 +74,14 @@ class ZImageSampler(io.ComfyNode):
                 cfg_normalization=0.0, cfg_truncation=1.0, variety=0.0, variety_fraction=0.3) -> io.NodeOutput:
         steps, cfg, shift = resolve_preset(preset, steps, cfg, shift)
         settings = SamplerSettings(seed, steps, cfg, shift, denoise, cfg_normalization, cfg_truncation, variety, variety_fraction)
-        sm = SamplerModel(model)
+        sm = SamplerModel(model, shift)
         job = prepare_sampling(sm, positive, negative, latent_image, settings)
         b, _, h, w = job.noise.shape
+        extra = model.get_nested_additional_models()  # e.g. ControlNets: resident while sampling (they are small)
         if sm.ours:
-            model.load_for(activation_bytes(sm.dit, w * 8, h * 8, b, cfg > 1.0))
+            model.load_for(activation_bytes(sm.dit, w * 8, h * 8, b, cfg > 1.0), extra)
         else:
-            mm.load_models_gpu([model], memory_required=model.memory_required([b * (2 if cfg > 1.0 else 1), 16, h, w]))
+            mm.load_models_gpu([model, *extra], memory_required=model.memory_required([b * (2 if cfg > 1.0 else 1), 16, h, w]))
         previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
         pbar = comfy.utils.ProgressBar(steps)  # each step reports the true total (fewer steps when denoise < 1)
         timer = StepTimer()

@@ -151,7 +151,7 @@ def text_to_image(name, title, model, preset, steps, cfg, negative, tips, loras=
 def core_sampling(name, title, advanced: bool, tips):
     """The official template's shape with our loaders: model → ModelSamplingAuraFlow (shift 3) → core sampling."""
     model = "z_image_turbo_bf16.safetensors"
-    g, m, te = base_graph(model, DOWNLOADS.format(model=model, base="", tips=tips), False)
+    g, m, te = base_graph(model, files_note(model, tips))
     ms = g.node("ModelSamplingAuraFlow", (400, 300), [3.0], size=(320, 60), inputs=[("model", "MODEL")])
     g.link(m, 0, ms, "model")
     pos = g.node("ZImageTextEncode", (400, 420), [PROMPT], size=(420, 200), title="Positive prompt",
@@ -224,7 +224,7 @@ def controlnet(name, title, file, inpaint, tips):
                   size=(320, 360))
     vae = g.node("VAELoader", (400, 820), ["ae.safetensors"], size=(320, 60))
     cn = g.node("ZImageControlNetLoader", (20, 880), [file, "auto"], size=(340, 90))
-    ins = [("model", "ZIMAGE_MODEL"), ("control_net", "ZIMAGE_CONTROLNET"), ("vae", "VAE")]
+    ins = [("model", "MODEL"), ("control_net", "ZIMAGE_CONTROLNET"), ("vae", "VAE")]
     ins += [("inpaint_image", "IMAGE"), ("mask", "MASK")] if inpaint else [("image", "IMAGE")]
     apply = g.node("ZImageApplyControlNet", (760, 820), [0.9 if inpaint else 0.75, 0.0, 1.0], size=(320, 230), inputs=ins,
                    color=("#223", "#335"))

@@ -95,3 +95,92 @@ def test_patcher_contract_and_cache(tmp_path):
     assert out.pop("dtype") == "torch.float32"
     assert out.pop("streamed_blocks_after_unload") > 0
     assert all(out.values()), out
+
+
+PACKED_SCRIPT = r"""
+import importlib.util, json, sys, torch
+root, gguf_path, dense_path, lora_path, diff_path = sys.argv[1:6]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing()
+import comfy.sd, comfy.utils
+spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
+from zimage_pack.nodes.memory import ZImagePatcher
+from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel
+import zimage_core as zc
+from zimage_core.layers import Linear
+from zimage_core.offload import module_bytes
+from zimage_core.packed import Packed
+
+cpu = torch.device("cpu")
+g = torch.Generator().manual_seed(0)
+x, t, caps = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8]), [torch.randn(7, 32, generator=g)] * 2
+rel = lambda a, b: float((a - b).norm() / b.norm())
+
+def load(path, storage, dense=False):
+    dit = zc.load_transformer(path, dtype=torch.float32, storage_dtype=storage, cls=ZImageDiffusionModel)
+    if dense:  # the same numbers as plain float32 Parameters, which ComfyUI patches by merging
+        for m in dit.modules():
+            if isinstance(m, Linear) and m.patch_only:
+                m.weight, m.weight_scale = torch.nn.Parameter(m.compute_weight(torch.float32), requires_grad=False), None
+    return ZImagePatcher(ZImageBase(dit), cpu, cpu)
+
+def predict(p):
+    p.partially_load(cpu, 1e32)
+    with torch.inference_mode():
+        return p.model.diffusion_model.predict(x, t, caps)
+
+out = {}
+for name, path, storage, lora in (("gguf", gguf_path, None, diff_path), ("fp8", dense_path, torch.float8_e4m3fn, lora_path)):
+    p, q = load(path, storage), load(path, storage, dense=True)
+    qkv = p.model.diffusion_model.layers[0].attention.qkv
+    plain = predict(p)
+    sd = comfy.utils.load_torch_file(lora, safe_load=True)
+    pl, _ = comfy.sd.load_lora_for_models(p, None, sd, 0.8, 0)  # what LoraLoaderModelOnly does
+    ql, _ = comfy.sd.load_lora_for_models(q, None, sd, 0.8, 0)
+    a, b = predict(pl), predict(ql)
+    out[name] = {"keys": [len(pl.patches), len(ql.patches)], "lora_vs_dense_lora": rel(a, b), "lora_vs_plain": rel(a, plain),
+                 "still_stored": isinstance(qkv.weight, Packed) if name == "gguf" else qkv.weight.dtype == storage,
+                 "runtime": bool(qkv.patches), "size": [p.model_size(), module_bytes(p.model.diffusion_model), q.model_size()]}
+    pl.unpatch_model(unpatch_weights=True)
+    out[name]["restored"] = not qkv.patches and torch.equal(predict(p), plain)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_core_lora_on_packed_and_fp8_weights_equals_dense(tmp_path):
+    """ComfyUI's core LoRA loader on a GGUF (packed) and an fp8 model: run-time patches that equal the same LoRA merged
+    into the same weights held as float32 (the packed layers' keys are found, the stored weights stay as stored),
+    undone exactly, and the memory manager counts stored bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from tiny_gguf import save_dit_gguf
+
+    ref = diffusers_transformer(seed=3, dim=256, n_heads=8, n_kv_heads=8)
+    gguf_path, dense = str(tmp_path / "z.gguf"), str(tmp_path / "z.safetensors")
+    save_dit_gguf(ref, gguf_path, dense)
+    g = torch.Generator().manual_seed(5)
+    d, hidden = 256, ref.layers[0].feed_forward.w1.weight.shape[0]
+    lora = {}
+    for blk in ("layers.0", "noise_refiner.0"):  # ai-toolkit's diffusers names: to_q/k/v land on rows of the fused qkv
+        for mod, (o, i) in {"attention.to_q": (d, d), "attention.to_k": (d, d), "attention.to_v": (d, d),
+                            "attention.to_out.0": (d, d), "feed_forward.w1": (hidden, d), "feed_forward.w2": (d, hidden)}.items():
+            k = f"diffusion_model.{blk}.{mod}"
+            lora[k + ".lora_A.weight"] = torch.randn(4, i, generator=g) / i**0.5
+            lora[k + ".lora_B.weight"] = torch.randn(o, 4, generator=g) * 0.05
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    # a dense diff (not a LoRA) on a packed layer: it becomes an exact run-time delta
+    lora["diffusion_model.layers.0.feed_forward.w3.diff"] = torch.randn(hidden, d, generator=g) * 0.01
+    save_file(lora, str(tmp_path / "diff.safetensors"))
+    r = subprocess.run([comfyui_python(COMFY), "-c", PACKED_SCRIPT, ROOT, gguf_path, dense, str(tmp_path / "lora.safetensors"),
+                        str(tmp_path / "diff.safetensors")], cwd=COMFY, capture_output=True, text=True, timeout=300)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line, r.stderr[-3000:]
+    out = json.loads(line[len("RESULT"):])
+    for name, o in out.items():
+        assert o["keys"] == [9 if name == "gguf" else 8] * 2, (name, o)  # qkv, out, w1, w2 in two blocks (+ w3's diff)
+        assert o["lora_vs_dense_lora"] < 1e-5 and o["lora_vs_plain"] > 1e-3, (name, o)
+        assert o["still_stored"] and o["runtime"] and o["restored"], (name, o)
+        stored, counted, dense_size = o["size"]
+        assert stored == counted < dense_size, (name, o)

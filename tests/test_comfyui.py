@@ -124,6 +124,26 @@ def test_controlnet_changes_the_image_strength_zero_is_plain(server, object_info
     assert np.abs(a - b).mean() > 1.0 and np.array_equal(b, c)
 
 
+def test_controlnet_reaches_ksampler_as_our_sampler(server, object_info):
+    """Our Apply ControlNet's MODEL through the core KSampler (euler / simple: the same shift-3 schedule as the
+    Z-Image Sampler's turbo preset): the control reaches the blocks there too, with the same picture."""
+    ctl = shrink(to_api(load_workflow("z_image_turbo_controlnet_canny.json"), object_info))
+    apply_id = next(k for k, n in ctl.items() if n["class_type"] == "ZImageApplyControlNet")
+    ks = copy.deepcopy(ctl)
+    sid = next(k for k, n in ks.items() if n["class_type"] == "ZImageSampler")
+    ours = ks[sid]["inputs"]
+    ks["zero"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ours["positive"]}}
+    ks[sid] = {"class_type": "KSampler", "inputs": {
+        "model": ours["model"], "seed": 0, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ours["positive"], "negative": ["zero", 0], "latent_image": ours["latent_image"], "denoise": 1.0}}
+    plain = copy.deepcopy(ks)
+    plain[sid]["inputs"]["model"] = ks[apply_id]["inputs"]["model"]
+    a, b, c = run(server, ks, 5)[0][0], run(server, ctl, 5)[0][0], run(server, plain, 5)[0][0]
+    def diff(u, v):
+        return np.abs(u.astype(np.float32) - v.astype(np.float32)).mean()
+    assert diff(a, c) > 1.0 and diff(a, b) < 0.05 * diff(a, c), (diff(a, b), diff(a, c))
+
+
 def test_inpainting_keeps_the_unmasked_area(server, object_info):
     prompt = to_api(load_workflow("z_image_turbo_inpainting.json"), object_info)
     imgs, _ = run(server, prompt, 3)
