@@ -48,11 +48,6 @@ def control_path(name: str) -> str:
     raise zc.ZImageError(f"{name} is not in models/model_patches or models/controlnet; put the file there.")
 
 
-def controls_of(model: ModelPatcher) -> list[Control]:
-    """The controls a MODEL carries in its transformer_options."""
-    return list(model.model_options.get("transformer_options", {}).get(CONTROL, ()))
-
-
 def with_control(model: ModelPatcher, control: Control, patcher: ModelPatcher) -> ModelPatcher:
     """A copy of ``model`` with one more control; the control model's patcher joins the ones ComfyUI loads."""
     if not isinstance(getattr(model.model, "diffusion_model", None), ZImageDiffusionModel):

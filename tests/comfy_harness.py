@@ -46,6 +46,28 @@ def comfyui_commit(path: str) -> str:
         return "version " + v.get("__version__", "?")
 
 
+# What a script run in ComfyUI's own environment (no server, CPU) starts with: ComfyUI's argument parsing, then this
+# pack imported as the package ``zimage_pack`` (root = argv[1]; the script's own arguments follow in ``ARGS``).
+IN_COMFY = r"""
+import importlib.util, json, sys, torch
+root, ARGS = sys.argv[1], sys.argv[2:]
+sys.argv = ["main.py", "--cpu"]
+sys.path.insert(0, ".")
+import comfy.options; comfy.options.enable_args_parsing()
+spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
+"""
+
+
+def run_in_comfy(comfy: str, script: str, *args: str, timeout: float = 300) -> dict:
+    """Run ``script`` (after ``IN_COMFY``) with ComfyUI's Python in its folder; it prints ``RESULT`` + a JSON object."""
+    r = subprocess.run([comfyui_python(comfy), "-c", IN_COMFY + script, ROOT, *map(str, args)], cwd=comfy,
+                       capture_output=True, text=True, timeout=timeout)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line, r.stderr[-3000:]
+    return json.loads(line[len("RESULT"):])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

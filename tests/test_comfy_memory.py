@@ -2,11 +2,8 @@
 the ModelPatcher contract (partial load/unload, detach) drives the block streamer, and loaders and the LoRA
 node's parse cache hold their modules weakly."""
 
-import json
-import subprocess
-
 import pytest
-from comfy_harness import ROOT, comfyui_path, comfyui_python
+from comfy_harness import comfyui_path, run_in_comfy
 from tiny import diffusers_transformer, save_comfyui
 
 COMFY = comfyui_path()
@@ -15,14 +12,8 @@ if COMFY is None:
     pytest.skip("no ComfyUI found (set COMFYUI_PATH or put one in ~/ComfyUI): real-ComfyUI tests skipped", allow_module_level=True)
 
 SCRIPT = r"""
-import gc, importlib.util, json, sys, torch
-root, path, lora_path = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, ".")
-import comfy.options; comfy.options.enable_args_parsing()
-import comfy.model_management as mm
-spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
-pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
+import gc
+path, lora_path = ARGS
 from zimage_pack.nodes import lora as lora_node, memory
 from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel
 import zimage_core as zc
@@ -87,25 +78,15 @@ def test_patcher_contract_and_cache(tmp_path):
     path = save_comfyui(diffusers_transformer(seed=1, n_layers=6), str(tmp_path / "z.safetensors"))
     k = "diffusion_model.layers.0.attention.to_q"
     save_file({k + ".lora_A.weight": torch.randn(4, 64), k + ".lora_B.weight": torch.randn(64, 4)}, str(tmp_path / "l.safetensors"))
-    r = subprocess.run([comfyui_python(COMFY), "-c", SCRIPT, ROOT, path, str(tmp_path / "l.safetensors")], cwd=COMFY,
-                       capture_output=True, text=True, timeout=300)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
-    assert line, r.stderr[-3000:]
-    out = json.loads(line[len("RESULT"):])
+    out = run_in_comfy(COMFY, SCRIPT, path, tmp_path / "l.safetensors")
     assert out.pop("dtype") == "torch.float32"
     assert out.pop("streamed_blocks_after_unload") > 0
     assert all(out.values()), out
 
 
 PACKED_SCRIPT = r"""
-import importlib.util, json, sys, torch
-root, gguf_path, dense_path, lora_path, diff_path = sys.argv[1:6]
-sys.argv = ["main.py", "--cpu"]
-sys.path.insert(0, ".")
-import comfy.options; comfy.options.enable_args_parsing()
+gguf_path, dense_path, lora_path, diff_path = ARGS
 import comfy.sd, comfy.utils
-spec = importlib.util.spec_from_file_location("zimage_pack", root + "/__init__.py", submodule_search_locations=[root])
-pack = importlib.util.module_from_spec(spec); sys.modules["zimage_pack"] = pack; spec.loader.exec_module(pack)
 from zimage_pack.nodes.memory import ZImagePatcher
 from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel
 import zimage_core as zc
@@ -173,11 +154,7 @@ def test_core_lora_on_packed_and_fp8_weights_equals_dense(tmp_path):
     # a dense diff (not a LoRA) on a packed layer: it becomes an exact run-time delta
     lora["diffusion_model.layers.0.feed_forward.w3.diff"] = torch.randn(hidden, d, generator=g) * 0.01
     save_file(lora, str(tmp_path / "diff.safetensors"))
-    r = subprocess.run([comfyui_python(COMFY), "-c", PACKED_SCRIPT, ROOT, gguf_path, dense, str(tmp_path / "lora.safetensors"),
-                        str(tmp_path / "diff.safetensors")], cwd=COMFY, capture_output=True, text=True, timeout=300)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
-    assert line, r.stderr[-3000:]
-    out = json.loads(line[len("RESULT"):])
+    out = run_in_comfy(COMFY, PACKED_SCRIPT, gguf_path, dense, tmp_path / "lora.safetensors", tmp_path / "diff.safetensors")
     for name, o in out.items():
         assert o["keys"] == [9 if name == "gguf" else 8] * 2, (name, o)  # qkv, out, w1, w2 in two blocks (+ w3's diff)
         assert o["lora_vs_dense_lora"] < 1e-5 and o["lora_vs_plain"] > 1e-3, (name, o)
