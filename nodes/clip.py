@@ -25,6 +25,10 @@ class ZImageCLIPModel(nn.Module):
         self.encoder = encoder
 
     @property
+    def streamed(self) -> nn.Module:  # what our patcher streams
+        return self.encoder
+
+    @property
     def dtypes(self) -> set:
         return {self.encoder.compute_dtype}
 

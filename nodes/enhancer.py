@@ -24,7 +24,9 @@ def chat_for(handle: Handle) -> tuple[enhancer.Qwen3Chat, ZImagePatcher]:
     if handle not in _CHATS:
         chat = enhancer.load_chat(handle.module, handle.path)
         p = handle.patcher
-        _CHATS[handle] = (chat, ZImagePatcher(chat, p.load_device, p.offload_device, p.mode, p.budget_gb, p.prefetch))
+        q = ZImagePatcher(chat, p.load_device, p.offload_device)
+        q.mode, q.budget_gb, q.prefetch = p.mode, p.budget_gb, p.prefetch
+        _CHATS[handle] = (chat, q)
     return _CHATS[handle]
 
 

@@ -78,7 +78,8 @@ class ZImagePatcher(ModelPatcher):
 
     def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
         # the module whose blocks stream: the transformer inside its BaseModel, the encoder inside its CLIP model
-        self.net = getattr(model, "diffusion_model", None) or getattr(model, "encoder", model)
+        # (its ``streamed``), else the model itself (the prompt enhancer's chat model)
+        self.net = getattr(model, "diffusion_model", None) or getattr(model, "streamed", model)
         super().__init__(model, load_device, offload_device, size=size or module_bytes(self.net),
                          weight_inplace_update=weight_inplace_update)
         if "zimage_offload" not in model.__dict__:
