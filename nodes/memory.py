@@ -183,7 +183,7 @@ class ZImagePatcher(ModelPatcher):
         wide = self.net.compute_dtype if w.dtype not in FP8_DTYPES and w.dtype.itemsize < self.net.compute_dtype.itemsize else w.dtype
         setattr(owner, leaf, torch.nn.Parameter(out.to(w.device, wide), requires_grad=False))
 
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
+    def unpatch_model(self, device_to=None, unpatch_weights=True):  # noqa: ARG002 (ComfyUI's signature)
         if unpatch_weights:
             self.detach_streamer()
             for name, scale in self.state.scale_backup.items():
@@ -192,7 +192,7 @@ class ZImagePatcher(ModelPatcher):
                 self.model.get_submodule(name).patches = []
             self.state.scale_backup.clear()
             self.state.runtime.clear()
-        super().unpatch_model(device_to, unpatch_weights)
+        super().unpatch_model(None, unpatch_weights)  # placement is the streamer's: ComfyUI never moves our modules
 
     # -- what our nodes ask -----------------------------------------------------------------------
     def load_for(self, activations: int, extra=()) -> None:

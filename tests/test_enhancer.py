@@ -292,7 +292,7 @@ def test_node_in_real_comfyui_feeds_text_encode(comfy_server, tokenizer_dir):
     msgs, _ = comfy_server.run_with_messages(prompt)
     assert msgs[-1]["type"] == "execution_success", msgs[-1]
     assert [m["data"]["value"] for m in msgs if m["type"] == "progress" and m["data"]["node"] == "90"][-1] <= 16
-    entry = comfy_server.get(f"/history/{msgs[-1]['data']['prompt_id']}")[msgs[-1]["data"]["prompt_id"]]
+    entry = comfy_server.wait(msgs[-1]["data"]["prompt_id"])  # the history is written just after the success message
     text = entry["outputs"]["91"]["text"][0]
     assert comfy_server.images(entry)[0].shape[:2] == (128, 128)
     path = os.path.join(comfy_server.base, "models", "text_encoders", "qwen_3_4b.safetensors")
