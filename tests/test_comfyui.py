@@ -327,3 +327,38 @@ def test_clip_output_encodes_like_our_text_encode(server, object_info):
     a, _ = run(server, ours, 21)
     b, _ = run(server, core, 21)
     assert np.abs(a[0] - b[0]).mean() < 0.5
+
+
+def test_seed_variety_node_with_ksampler(server, object_info):
+    """The standalone Seed Variety node between our text encode and the core KSampler on our MODEL (the shipped
+    KSampler workflow, res_multistep / simple): variety 0 is the plain graph bit for bit; variety > 0 changes the
+    latent, the same variety seed gives it again (with another run in between, so not from ComfyUI's cache) and
+    another variety seed gives another one, all at the same sampler seed."""
+    import torch
+    from safetensors.torch import load_file
+
+    plain = shrink(to_api(load_workflow("z_image_turbo_ksampler.json"), object_info))
+    sid = next(k for k, n in plain.items() if n["class_type"] == "KSampler")
+    plain["latent_out"] = {"class_type": "SaveLatent", "inputs": {"samples": [sid, 0], "filename_prefix": "latents/variety"}}
+
+    def varied(variety, seed):
+        p = copy.deepcopy(plain)
+        p["variety"] = {"class_type": "ZImageSeedVariety", "inputs": {"conditioning": p[sid]["inputs"]["positive"],
+                                                                      "seed": seed, "variety": variety, "fraction": 0.5}}
+        p[sid]["inputs"]["positive"] = ["variety", 0]
+        return p
+
+    def latent(p):
+        entry = server.wait(server.queue(copy.deepcopy(p)))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        info = entry["outputs"]["latent_out"]["latents"][0]
+        return load_file(os.path.join(server.base, "output", info["subfolder"], info["filename"]))["latent_tensor"]
+
+    base = latent(plain)
+    assert torch.equal(latent(varied(0.0, 7)), base)
+    a, b, a2 = latent(varied(1.0, 7)), latent(varied(1.0, 8)), latent(varied(1.0, 7))
+    def rel(u, v):
+        return ((u - v).norm() / v.norm()).item()
+    print(f"KSampler + Seed Variety 1.0 / fraction 0.5: rel change vs plain {rel(a, base):.3e}, seed 7 vs 8 {rel(a, b):.3e}")
+    assert torch.equal(a, a2)
+    assert rel(a, base) > 1e-3 and rel(a, b) > 1e-3
