@@ -19,7 +19,7 @@ from .model import ZImageBase, ZImageDiffusionModel
 from .types import ZImageTextEncoder
 
 WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
-FP8_COMPUTE = ["auto", "dequantize", "fp8 matmul"]
+FP8_COMPUTE = ["auto", "dequantize", "fp8 matmul", "int8 matmul"]
 # .gguf files of the same folders (diffusion_models + unet, text_encoders + clip), under the names
 # city96/ComfyUI-GGUF registers for them (nodes.py update_folder_names_and_paths), so both packs agree.
 GGUF_FOLDERS = {"diffusion_models": "unet_gguf", "text_encoders": "clip_gguf"}
@@ -104,9 +104,11 @@ class ZImageModelLoader(io.ComfyNode):
                 io.Int.Input("prefetch", default=2, min=1, max=8, advanced=True,
                              tooltip="Streamed blocks copied ahead of use. 2 hides copies behind compute on most GPUs."),
                 io.Combo.Input("fp8_compute", options=FP8_COMPUTE, default="auto", optional=True, advanced=True,
-                               tooltip="For fp8 (e4m3) weights: 'fp8 matmul' multiplies on the fp8 tensor cores "
-                                       "(RTX 40xx / H100 and later; measured 1.07× dequantize, less exact), 'dequantize' up-casts each "
-                                       "weight to bf16 first (auto, until fp8 matmul is as exact)."),
+                               tooltip="Quantized files: 'fp8 matmul' runs e4m3 weights on the fp8 tensor cores (RTX 40xx / "
+                                       "H100 and later), 'int8 matmul' ComfyUI's int8 files on the int8 tensor cores (RTX 20xx "
+                                       "and later), both for the blocks' big matmuls only; 'dequantize' (auto) expands each weight "
+                                       "to bf16 first. On an H100 fp8 matmul measured 1.03× and int8 0.84× (ConvRot int8 1.14×) "
+                                       "the speed of dequantize, with about 2–3× its error."),
             ],
             outputs=[io.Model.Output(tooltip="A standard MODEL: KSampler, SamplerCustomAdvanced, LoRA loaders, model "
                                              "patches and the Z-Image Sampler all take it.")],
@@ -121,25 +123,28 @@ class ZImageModelLoader(io.ComfyNode):
                 fp8_compute="auto") -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from zimage_core.scaled_mm import device_supports_fp8, set_fp8_matmul
+        from zimage_core.int8_mm import device_supports_int8
+        from zimage_core.layers import set_quant_matmul
+        from zimage_core.scaled_mm import device_supports_fp8
 
         path = resolve("diffusion_models", model_name)
         device = mm.get_torch_device()
         dtype, storage = _split_dtype(weight_dtype, device)
         backend = zc.attention.resolve_backend(attention)
-        # auto = dequantize for now: on an H200 fp8 matmul was 1.07× faster than dequantize but 0.77× resident bf16, with
-        # 7.9e-2 error vs fp32 (dequantize 1.25e-2; benchmarks/RESULTS.md): per-row e4m3 activations are too coarse
-        fp8 = fp8_compute == "fp8 matmul" and device_supports_fp8(device)
+        # auto = dequantize: on an H100 (4 full-width blocks, 1024²) fp8 matmul was 1.03× dequantize with 3.9e-2 error vs
+        # fp32 (dequantize 1.25e-2), int8 0.84× (ConvRot 1.14×) with 2.6e-2 (1.8e-2); benchmarks/RESULTS.md
+        kinds = tuple(k for k, ok in (("fp8", device_supports_fp8(device)), ("int8", device_supports_int8(device)))
+                      if ok and fp8_compute == f"{k} matmul")
 
         def load():
             model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend,
                                        cls=ZImageDiffusionModel)
-            set_fp8_matmul(model, fp8)
+            set_quant_matmul(model, bool(kinds), kinds)
             return ZImageBase(model)
 
         patcher = cached_load(
             "transformer", path, load,
-            {"dtype": dtype, "storage": storage, "attention": backend, "fp8_matmul": fp8},
+            {"dtype": dtype, "storage": storage, "attention": backend, "quant_matmul": kinds},
             {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
         )
         return io.NodeOutput(patcher)

@@ -1,5 +1,5 @@
 """fp8 compute's scale bookkeeping (zimage_core/scaled_mm.py), on the CPU: what the tensor cores are given must
-reconstruct the bf16 product. The GPU speed and error are measured by benchmarks/bench_fp8.py."""
+reconstruct the bf16 product. The GPU speed and error are measured by benchmarks/bench_quant_matmul.py."""
 
 import copy
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zimage_core import scaled_mm as sm
-from zimage_core.layers import Linear, SwiGLU
+from zimage_core.layers import Linear, SwiGLU, set_quant_matmul
 from zimage_core.quant import quantize_fp8
 from zimage_core.transformer import ZImageConfig, ZImageTransformer
 
@@ -97,12 +97,12 @@ def test_linear_uses_fp8_only_where_switched():
     x = torch.randn(4, 64, generator=g).to(torch.bfloat16)
     dequant = torch.nn.functional.linear(x, lin.compute_weight(torch.bfloat16))
     assert torch.equal(lin(x), dequant)
-    assert sm.set_fp8_matmul(model, True) == 2 and lin.fp8_matmul and ff.w2.fp8_matmul
-    assert not ff.w3.fp8_matmul and not lone.fp8_matmul
+    assert set_quant_matmul(model, True) == 2 and lin.quant_matmul and ff.w2.quant_matmul
+    assert not ff.w3.quant_matmul and not lone.quant_matmul
     if _cpu_scaled_mm():
         assert torch.equal(lin(x), sm.fp8_linear(x, lin.weight, lin.weight_scale)) and not torch.equal(lin(x), dequant)
     assert torch.equal(lin(x.float()), torch.nn.functional.linear(x.float(), lin.compute_weight(torch.float32)))  # fp32: no fp8
-    assert sm.set_fp8_matmul(model, False) == 0 and not lin.fp8_matmul
+    assert set_quant_matmul(model, False) == 0 and not lin.quant_matmul
     assert not sm.device_supports_fp8("cpu")
 
 
@@ -128,11 +128,11 @@ def test_fp8_compute_runs_the_block_matmuls_only_and_is_closer_for_it():
         ref.to(torch.float32).compute_dtype = torch.float32
         truth = ref(x, t, cap)
         blocks = 2 + 1 + 1
-        assert sm.set_fp8_matmul(model, True) == 5 * blocks
-        assert not any(m.fp8_matmul for m in (model.x_embedder, model.final_layer.linear))
+        assert set_quant_matmul(model, True) == 5 * blocks
+        assert not any(m.quant_matmul for m in (model.x_embedder, model.final_layer.linear))
         ours = rel(model(x, t, cap).float(), truth)
         for m in lins:
-            m.fp8_matmul = True
+            m.quant_matmul = True
         everywhere = rel(model(x, t, cap).float(), truth)
     assert ours < 0.8 * everywhere, (ours, everywhere)
 

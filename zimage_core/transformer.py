@@ -107,7 +107,7 @@ class ZImageConfig:
 
 
 class Attention(nn.Module):
-    token_gemms = ("qkv", "out")  # what fp8 compute may run (scaled_mm.set_fp8_matmul)
+    token_gemms = ("qkv", "out")  # what quantized compute may run (layers.set_quant_matmul)
 
     def __init__(self, dim: int, head_dim: int, eps: float, device=None):
         super().__init__()
