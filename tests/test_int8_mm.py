@@ -123,3 +123,18 @@ def test_int8_file_runs_its_block_matmuls_in_int8(tmp_path):
         again = model(x, t, caps)
     assert torch.equal(again, plain) and not torch.equal(fast, plain)
     assert rel_err(fast.float(), plain.float()) < 5e-2
+
+
+@pytest.mark.skipif(not int8_mm.device_supports_int8("cuda"), reason="needs a CUDA GPU with int8 tensor cores (compute capability ≥ 7.5)")
+def test_int8_linear_on_gpu_equals_cpu():
+    """cuBLASLt's int8 product (with its M/K/N padding) is the same integer product as the CPU's."""
+    g = torch.Generator().manual_seed(4)
+    for n, k, m, conf in [(40, 64, 3, {}), (96, 256, 100, {"convrot": True, "convrot_groupsize": 64})]:
+        data = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, 1, generator=g) * 0.01
+        w = Packed(ComfyFormat("int8_tensorwise", json.dumps({"format": "int8_tensorwise", **conf})), (n, k),
+                   {"": data, "_scale": scale})
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        cpu = int8_mm.int8_linear(x, w)
+        gpu = int8_mm.int8_linear(x.cuda(), w.map(lambda t: t.cuda())).cpu()
+        torch.testing.assert_close(gpu, cpu, rtol=8e-3, atol=0)
