@@ -127,7 +127,7 @@ def test_int8_file_runs_its_block_matmuls_in_int8(tmp_path):
 
 @pytest.mark.skipif(not int8_mm.device_supports_int8("cuda"), reason="needs a CUDA GPU with int8 tensor cores (compute capability ≥ 7.5)")
 def test_int8_linear_on_gpu_equals_cpu():
-    """cuBLASLt's int8 product (with its M/K/N padding) is the same integer product as the CPU's."""
+    """cuBLASLt's int8 product (with its M/K/N padding) is the same integer product as the CPU's, rescaled alike."""
     g = torch.Generator().manual_seed(4)
     for n, k, m, conf in [(40, 64, 3, {}), (96, 256, 100, {"convrot": True, "convrot_groupsize": 64})]:
         data = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
@@ -137,4 +137,7 @@ def test_int8_linear_on_gpu_equals_cpu():
         x = torch.randn(m, k, generator=g).to(torch.bfloat16)
         cpu = int8_mm.int8_linear(x, w)
         gpu = int8_mm.int8_linear(x.cuda(), w.map(lambda t: t.cuda())).cpu()
-        torch.testing.assert_close(gpu, cpu, rtol=8e-3, atol=0)
+        if conf:  # the rotation is a bf16 matmul: a row's rounding may differ by an ulp before quantization
+            assert rel_err(gpu.float(), cpu.float()) < 1e-2
+        else:
+            assert torch.equal(gpu, cpu)
