@@ -189,3 +189,51 @@ def test_fp8_scales_outside_the_blocks_are_in_the_plan(path, caplog):
         st = offload(model, mode="budget", budget_gb=1e-6, device="cpu")
     st.detach()
     assert st.plan.shortfall > 0 and "below the minimum" in caplog.text  # a warning the CLI prints, not an INFO line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the host runs ahead of the GPU only there")
+def test_gpu_memory_stays_within_the_plan_when_the_host_runs_ahead():
+    """Copies released on the host stay allocated until the GPU has run the compute reading them, and with resident
+    blocks between the streamed ones the host runs far ahead. Allocated memory, not the ledger, must stay within
+    the plan's weights plus the activations a resident forward measurably needs: 8 main layers of width 2048 and
+    1+1 refiners, 4 of the 10 blocks streamed, three forwards in a row."""
+    from zimage_core.offload import activation_bytes
+    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+
+    cfg = ZImageConfig(dim=2048, head_dim=128, n_layers=8, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=5504,
+                       cap_feat_dim=256, axes_dims=ZImageConfig.axes_for_head_dim(128))
+    model = ZImageTransformer(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    x, caps = torch.randn(1, 16, 64, 64, generator=g).cuda(), [torch.randn(32, 256, generator=g).cuda()]
+    t = torch.tensor([0.5], device="cuda")
+
+    def peak_of(run) -> int:
+        """Peak allocated bytes over what is allocated now (x, captions, and the model when it is on the GPU)."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            for _ in range(3):
+                run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    model.cuda()
+    acts = peak_of(lambda: model(x, t, caps))  # what a forward needs beyond its weights
+    model.cpu()
+    torch.cuda.empty_cache()
+    sizes = [module_bytes(b) for b in model.blocks()]
+    fixed = module_bytes(model) - sum(sizes)
+    budget = fixed + activation_bytes(model, 512, 512) + 9 * max(sizes) + 2**20
+    base = torch.cuda.memory_allocated()
+    streamer = zc.offload(model, mode="budget", budget_gb=budget / 1024**3, device="cuda", width=512, height=512)
+    plan = streamer.plan
+    assert 3 <= len(plan.streamed) <= 5, plan.describe()
+    placed = torch.cuda.memory_allocated() - base
+    peak = placed + peak_of(lambda: model(x, t, caps))
+    streamer.detach()
+    weights = plan.fixed_bytes + plan.resident_bytes + plan.buffer_bytes
+    assert peak <= weights + acts + 2**24, f"peak {peak / 2**20:.0f} MiB, plan weights {weights / 2**20:.0f} MiB + activations {acts / 2**20:.0f} MiB"
