@@ -29,10 +29,12 @@ LAYOUTS = {"v1": (6, 16, "plain"), "2.1": (15, 33, "control"), "2.0": (15, 33, "
 
 
 def randomize(m: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
+    """Random weights of realistic scale, drawn where the module lives (a full-width model in seconds on a GPU)."""
+    g = None
     with torch.no_grad():
         for name, p in m.named_parameters():
-            r = torch.randn(p.shape, generator=g)
+            g = g or torch.Generator(device=p.device).manual_seed(0)
+            r = torch.randn(p.shape, generator=g, device=p.device)
             p.copy_(1 + 0.1 * r if "norm" in name else r / p.shape[-1] ** 0.5 if p.ndim == 2 else 0.1 * r)
     return m
 
@@ -50,7 +52,7 @@ def main():
     hd = a.dim // a.heads
     cfg = ZImageConfig(dim=a.dim, head_dim=hd, ffn_hidden=a.dim * 8 // 3, cap_feat_dim=2560,
                        axes_dims=ZImageConfig.axes_for_head_dim(hd))
-    model = randomize(ZImageTransformer(cfg, dtype=dtype)).to(dev, dtype).eval()
+    model = randomize(ZImageTransformer(cfg, dtype=dtype, device=dev)).eval()
     h = w = a.size // 8
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, h, w, generator=g).to(dev, dtype)
@@ -78,7 +80,7 @@ def main():
           f"{a.size}×{a.size} px: plain forward {base * 1000:.0f} ms")
     for name, (layers, ch, refiner) in LAYOUTS.items():
         ccfg = ControlNetConfig(block=cfg, in_channels=ch, n_layers=layers, refiner=refiner)
-        cn = randomize(ZImageControlNet(ccfg)).to(dev, dtype).eval()
+        cn = randomize(ZImageControlNet(ccfg, device=dev)).to(dtype).eval()
         lat = torch.randn(1, ch, h, w, generator=g).to(dev, dtype)
         s = timed([Control(cn, lat, 0.75)])
         blocks = layers + (2 if refiner != "layers" else 0)
