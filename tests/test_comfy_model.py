@@ -93,10 +93,13 @@ def srv(tmp_path_factory):
 
 
 def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=2, shift=None, lora=None, mask=False,
-           denoise=1.0, ours_sampler=False, controlnet=False) -> dict:
+           denoise=1.0, ours_sampler=False, controlnet=False, variety=None) -> dict:
     p = {"cond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "positive"}},
          "uncond": {"class_type": "ZImageTestConditioning", "inputs": {"file": "conds.safetensors", "key": "negative"}},
          "latent": {"class_type": "ZImageTestLatent", "inputs": {"file": "latent.safetensors", "mask": mask}}}
+    if variety is not None:  # (variety, seed) of the Seed Variety node on the positive
+        p["vary"] = {"class_type": "ZImageSeedVariety", "inputs": {"conditioning": ["cond", 0], "seed": variety[1],
+                                                                  "variety": variety[0], "fraction": 0.3}}
     if loader == "native":
         p["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": CKPT, "weight_dtype": "default"}}
     else:
@@ -116,14 +119,15 @@ def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=2
         p["cnet"] = {"class_type": "ZImageFunControlnet", "inputs": {"model": model, "model_patch": ["patch", 0], "vae": ["vae", 0],
                                                                      "strength": 0.8, "image": ["image", 0]}}
         model = ["cnet", 0]
+    pos = ["vary", 0] if variety is not None else ["cond", 0]
     if ours_sampler:
         p["sample"] = {"class_type": "ZImageSampler", "inputs": {
-            "model": model, "positive": ["cond", 0], "negative": ["uncond", 0], "latent_image": ["latent", 0], "seed": 5,
+            "model": model, "positive": pos, "negative": ["uncond", 0], "latent_image": ["latent", 0], "seed": 5,
             "preset": "custom", "steps": steps, "cfg": cfg, "shift": 3.0, "denoise": denoise}}
     else:
         p["sample"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": 5, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
-            "positive": ["cond", 0], "negative": ["uncond", 0], "latent_image": ["latent", 0], "denoise": denoise}}
+            "positive": pos, "negative": ["uncond", 0], "latent_image": ["latent", 0], "denoise": denoise}}
     p["save"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "latents/parity"}}
     return p
 
@@ -181,6 +185,18 @@ def test_fun_controlnet_model_patch_matches_native(srv):
     plain = run(srv, prompt("ours"))
     assert rel_err(run(srv, prompt("ours", controlnet=True)), plain) > 1e-2
     assert parity(srv, controlnet=True) < TOL
+
+
+def test_seed_variety_node_on_the_native_model(srv):
+    """The Seed Variety node is a CONDITIONING patch, so it works under KSampler on UNETLoader's native Z-Image too:
+    variety 0 is the plain graph bit for bit, variety 1 changes the result (the first of 2 steps sees the varied
+    prompt at fraction 0.3), reproducibly per variety seed; ours follows native with the same variation."""
+    plain = run(srv, prompt("native"))
+    assert torch.equal(run(srv, prompt("native", variety=(0.0, 7))), plain)
+    a, b = run(srv, prompt("native", variety=(1.0, 7))), run(srv, prompt("native", variety=(1.0, 8)))
+    assert rel_err(a, plain) > 1e-3 and rel_err(a, b) > 1e-3
+    assert torch.equal(run(srv, prompt("native", variety=(1.0, 7))), a)
+    assert parity(srv, variety=(1.0, 7)) < TOL
 
 
 def fun_controlnet_v1(path: str, seed: int = 4) -> None:
