@@ -6,7 +6,7 @@ from tiny import diffusers_transformer, save_comfyui, save_qwen_comfyui, tiny_qw
 
 import zimage_core as zc
 from zimage_core.blocks import PLAIN
-from zimage_core.offload import BlockStreamer, Ledger, module_bytes, plan_offload, spread
+from zimage_core.offload import BlockStreamer, Ledger, module_bytes, offload, plan_offload, spread
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_gpu_memory_stays_within_the_plan_when_the_host_runs_ahead():
     fixed = module_bytes(model) - sum(sizes)
     budget = fixed + activation_bytes(model, 512, 512) + 9 * max(sizes) + 2**20
     base = torch.cuda.memory_allocated()
-    streamer = zc.offload(model, mode="budget", budget_gb=budget / 1024**3, device="cuda", width=512, height=512)
+    streamer = offload(model, mode="budget", budget_gb=budget / 1024**3, device="cuda", width=512, height=512)
     plan = streamer.plan
     assert 3 <= len(plan.streamed) <= 5, plan.describe()
     placed = torch.cuda.memory_allocated() - base
