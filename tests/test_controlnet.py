@@ -340,3 +340,92 @@ def test_cli_control_options(tmp_path, tokenizer_dir):
     ctl = run("--control", f"{tmp_path / 'canny.png'}:0.9", "--control-model", path, out="ctl.png")
     off = run("--control", f"{tmp_path / 'canny.png'}:0", "--control-model", path, out="off.png")
     assert np.abs(ctl - plain).mean() > 0.5 and np.array_equal(off, plain)
+
+
+# ---- ComfyUI's native path ---------------------------------------------------------------------------------
+NATIVE = r'''
+import sys, torch
+comfy, dit_path, cn_path, layout, inp, out = sys.argv[1:7]
+sys.path.insert(0, comfy)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.ops, comfy.utils
+from comfy.ldm.lumina.model import NextDiT
+from comfy.ldm.lumina.controlnet import ZImage_Control
+from comfy_extras.nodes_model_patch import ZImageControlPatch, z_image_convert
+
+ops = comfy.ops.manual_cast
+dit = NextDiT(patch_size=2, in_channels=16, dim=3840, n_layers=1, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+              multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
+              axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0, z_image_modulation=True,
+              time_scale=1000.0, pad_tokens_multiple=32, operations=ops, dtype=torch.bfloat16, device="cpu")
+missing, unexpected = dit.load_state_dict(comfy.utils.load_torch_file(dit_path), strict=False)
+assert not unexpected and all("norm_final" in k for k in missing), (missing, unexpected)
+sd = z_image_convert(comfy.utils.load_torch_file(cn_path))
+# the configuration ModelPatchLoader derives for this layout, with the file's one/two control layers
+n = 2 if layout == "2.0" else 1
+cfg = dict(n_control_layers=n) if layout == "v1" else dict(n_control_layers=n, additional_in_dim=17, refiner_control=True,
+                                                             broken=layout == "2.0")
+cn = ZImage_Control(dtype=torch.bfloat16, device="cpu", operations=ops, **cfg)  # bf16 storage, fp32 compute
+cn.load_state_dict(sd, strict=True)
+
+class Vae:  # the control input is given already encoded
+    def spacial_compression_encode(self):
+        return 8
+
+class Patch:
+    model = cn
+
+x, t, cap, ctl = (v.float() for v in torch.load(inp).values())
+p = ZImageControlPatch.__new__(ZImageControlPatch)
+p.model_patch, p.vae, p.strength, p.temp_data = Patch(), Vae(), 0.7, None
+p.encoded_image, p.encoded_image_size = ctl, (x.shape[-2] * 8, x.shape[-1] * 8)
+with torch.no_grad():
+    v = dit(x, 1.0 - t, cap, cap.shape[1], transformer_options={"patches": {"noise_refiner": [p], "double_block": [p]}})
+torch.save({"out": -v}, out)  # native NextDiT returns the velocity −(x0 − noise)
+'''
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("layout", ["v1", "2.1", "2.0"])
+def test_comfyui_native_path(tmp_path, layout):
+    """ComfyUI's ZImage_Control + NextDiT (it recognises Z-Image only at width 3840) against ours with
+    ``caption_in_stream=False``, its variant: equal within 1e-4 (ComfyUI's fp32 attention and RoPE differ in
+    rounding, ≈3e-5 on the plain transformer). With the reference's caption stream the results differ: that is
+    the one place where ComfyUI's native node departs from VideoX-Fun and diffusers."""
+    import subprocess
+
+    from comfy_harness import comfyui_path, comfyui_python
+    from tiny import save_comfyui
+
+    comfy = comfyui_path()
+    if comfy is None:
+        pytest.skip("no ComfyUI found")
+    big = dict(dim=3840, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], cap_feat_dim=64, n_layers=1, n_refiner_layers=1)
+    dit_path = save_comfyui(diffusers_transformer(seed=1, **big), str(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
+    places = [0, 15] if layout == "2.0" else [0]  # one/two control layers keep memory low (≈2 GB each side)
+    from diffusers import ZImageControlNetModel
+    from tiny import randomize_
+    cfg = {**LAYOUTS[layout], "control_layers_places": places}
+    cn = randomize_(ZImageControlNetModel(**cfg, control_refiner_layers_places=[0, 1], n_refiner_layers=2, dim=3840,
+                                          n_heads=30, n_kv_heads=30), 3)
+    cn_path = controlnet_file(cn, tmp_path / "cn.safetensors", layout, dtype=torch.bfloat16)
+    del cn
+    g = torch.Generator().manual_seed(0)
+    x, cap = torch.randn(1, 16, 16, 16, generator=g), torch.randn(1, 20, 64, generator=g)
+    t = torch.tensor([0.4])
+    ctl = torch.randn(1, 16 if layout == "v1" else 33, 16, 16, generator=g)
+    torch.save({"x": x, "t": t, "cap": cap, "ctl": ctl}, tmp_path / "in.pt")
+    r = subprocess.run([comfyui_python(comfy), "-c", NATIVE, comfy, dit_path, cn_path, layout, str(tmp_path / "in.pt"),
+                        str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=comfy)
+    assert r.returncode == 0, r.stderr[-3000:]
+    native = torch.load(tmp_path / "out.pt")["out"]
+    ours = load_transformer(dit_path, dtype=torch.float32)
+    model = load_controlnet(cn_path, dtype=torch.float32)
+    assert model.cfg.places == ([0, 15] if layout == "2.0" else [0])
+    with torch.no_grad():
+        image_only = controlled(ours, x, t, list(cap), [Control(model, ctl, 0.7, caption_in_stream=False)])
+        reference = controlled(ours, x, t, list(cap), [Control(model, ctl, 0.7)])
+    assert rel_err(image_only, native) < 1e-4, rel_err(image_only, native)
+    assert rel_err(reference, native) > 1e-3
