@@ -16,6 +16,8 @@ Truth: diffusers in float64. Ours in fp32 must be within 2e-6 (relative norm) of
 diffusers' own fp32 run: measured 5e-7 … 1e-6 for both, every layout.
 """
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -364,7 +366,7 @@ missing, unexpected = dit.load_state_dict(comfy.utils.load_torch_file(dit_path),
 assert not unexpected and all("norm_final" in k for k in missing), (missing, unexpected)
 sd = z_image_convert(comfy.utils.load_torch_file(cn_path))
 # the configuration ModelPatchLoader derives for this layout, with the file's one/two control layers
-n = 2 if layout == "2.0" else 1
+n = 1 if layout == "v1" else 2
 cfg = dict(n_control_layers=n) if layout == "v1" else dict(n_control_layers=n, additional_in_dim=17, refiner_control=True,
                                                              broken=layout == "2.0")
 cn = ZImage_Control(dtype=torch.bfloat16, device="cpu", operations=ops, **cfg)  # bf16 storage, fp32 compute
@@ -402,9 +404,15 @@ def test_comfyui_native_path(tmp_path, layout):
     comfy = comfyui_path()
     if comfy is None:
         pytest.skip("no ComfyUI found")
-    big = dict(dim=3840, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], cap_feat_dim=64, n_layers=1, n_refiner_layers=1)
+    # measured on 2 loaded CPU cores: 6 min for the three layouts, 17 GB peak — beyond the CI budget, like the
+    # full-width MODEL parity module (tests/test_comfy_model.py)
+    if os.environ.get("ZIMAGE_FULL_WIDTH_TESTS") != "1":
+        pytest.skip("full-width ControlNet vs native ZImage_Control (minutes, ≈17 GB RAM): set ZIMAGE_FULL_WIDTH_TESTS=1")
+    big = dict(dim=3840, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], cap_feat_dim=64, n_layers=1, n_refiner_layers=2)
     dit_path = save_comfyui(diffusers_transformer(seed=1, **big), str(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
-    places = [0, 15] if layout == "2.0" else [0]  # one/two control layers keep memory low (≈2 GB each side)
+    # few control layers keep memory low (≈3 GB each side). 2.x: two, at native's spacing round(30 / n) = 15 — with one,
+    # native's ZImageControlPatch drops its state after the first refiner block (block 1 / 30 > n − 1) and restarts it
+    places = [0] if layout == "v1" else [0, 15]
     from diffusers import ZImageControlNetModel
     from tiny import randomize_
     cfg = {**LAYOUTS[layout], "control_layers_places": places}
@@ -423,7 +431,7 @@ def test_comfyui_native_path(tmp_path, layout):
     native = torch.load(tmp_path / "out.pt")["out"]
     ours = load_transformer(dit_path, dtype=torch.float32)
     model = load_controlnet(cn_path, dtype=torch.float32)
-    assert model.cfg.places == ([0, 15] if layout == "2.0" else [0])
+    assert model.cfg.places == places
     with torch.no_grad():
         image_only = controlled(ours, x, t, list(cap), [Control(model, ctl, 0.7, caption_in_stream=False)])
         reference = controlled(ours, x, t, list(cap), [Control(model, ctl, 0.7)])
