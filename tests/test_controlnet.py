@@ -437,3 +437,27 @@ def test_comfyui_native_path(tmp_path, layout):
         reference = controlled(ours, x, t, list(cap), [Control(model, ctl, 0.7)])
     assert rel_err(image_only, native) < 1e-4, rel_err(image_only, native)
     assert rel_err(reference, native) > 1e-3
+
+
+def test_control_models_are_taken_off_the_transformers_budget(monkeypatch):
+    """Control models are placed on the device before the transformer's offload plan is made, and a budget is what is
+    left of it after them (the plan would otherwise count on memory they hold)."""
+    import zimage_core.offload as off
+    from zimage_core.pipeline import ZImagePipeline
+
+    seen = {}
+
+    class Streamer:
+        def detach(self):
+            seen["detached"] = True
+
+    def fake_offload(_model, *, mode, budget_gb, device, **_activations):
+        seen.update(mode=mode, budget_gb=budget_gb, device=device.type)
+        return Streamer()
+
+    monkeypatch.setattr(off, "offload", fake_offload)
+    pipe = ZImagePipeline(None, None, None, device="cpu", offload="budget", vram_budget_gb=6.0)
+    pipe.device = torch.device("cuda")  # the plan path only: no tensor moves here
+    with pipe.on_device(object(), reserved=int(1.5 * off.GB)):
+        assert seen == {"mode": "budget", "budget_gb": 4.5, "device": "cuda"}
+    assert seen["detached"]

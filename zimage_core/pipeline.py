@@ -19,6 +19,7 @@ from .controlnet import Control, ControlImage, prepare_control
 from .errors import ZImageError
 from .images import pil_to_tensor, prepare_reference_image
 from .noise import comfy_noise
+from .offload import module_bytes
 from .sampler import CondEntry, Step, sample
 from .schedule import PRESETS, sigmas, start_index
 from .templates import TEMPLATE_PROMPT, assemble_segments, reference_segments
@@ -157,14 +158,17 @@ class ZImagePipeline:
         return cls(dit, te, vae, device, offload, vram_budget_gb)
 
     @contextmanager
-    def on_device(self, model, **activation_args):
-        """Run ``model`` on the pipeline's device under the offload plan, and hand the memory back afterwards."""
+    def on_device(self, model, reserved: int = 0, **activation_args):
+        """Run ``model`` on the pipeline's device under the offload plan, and hand the memory back afterwards.
+        ``reserved``: bytes already placed on the device for this run (control models), taken off a budget (the
+        auto mode sees them in the device's free memory)."""
         if self.device.type == "cpu":
             yield
             return
-        from .offload import offload
+        from .offload import GB, offload
 
-        st = offload(model, mode=self.offload_mode, budget_gb=self.vram_budget_gb, device=self.device, **activation_args)
+        budget = self.vram_budget_gb if self.vram_budget_gb is None else max(self.vram_budget_gb - reserved / GB, 0.0)
+        st = offload(model, mode=self.offload_mode, budget_gb=budget, device=self.device, **activation_args)
         try:
             yield
         finally:
@@ -300,8 +304,9 @@ class ZImagePipeline:
                 pos = [CondEntry(list(x.unbind(0)), start=a, end=b) for _, x, a, b in parts]
         ctl = self.encode_controls(controls, s.width, s.height, vae_tile) if controls else []
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
-        with self.on_device(self.transformer, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg), \
-                self.resident(c.model for c in ctl):
+        side = [c.model for c in ctl]  # placed first, so the transformer's plan leaves room for them
+        with self.resident(side), self.on_device(self.transformer, reserved=sum(module_bytes(m) for m in side),
+                                                 width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
                        cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask, shift=s.shift,
                        callback=callback, cancel=cancel, control=ctl).cpu()
