@@ -123,7 +123,8 @@ def prompt(loader: str, *, sampler="euler", scheduler="simple", cfg=1.0, steps=2
     if ours_sampler:
         p["sample"] = {"class_type": "ZImageSampler", "inputs": {
             "model": model, "positive": pos, "negative": ["uncond", 0], "latent_image": ["latent", 0], "seed": 5,
-            "preset": "custom", "steps": steps, "cfg": cfg, "shift": 3.0, "denoise": denoise}}
+            "preset": "custom", "steps": steps, "cfg": cfg, "shift": 3.0, "denoise": denoise,
+            "cfg_normalization": 0.0, "cfg_truncation": 1.0}}
     else:
         p["sample"] = {"class_type": "KSampler", "inputs": {
             "model": model, "seed": 5, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
