@@ -48,7 +48,7 @@ def main():
     sys.modules["zimage_pack"] = pack
     spec.loader.exec_module(pack)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_comfy_model import full_width_checkpoint
+    from comfy_harness import full_width_checkpoint
     from zimage_pack.nodes.memory import cached_load, compute_dtype
     from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel
 

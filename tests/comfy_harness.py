@@ -290,3 +290,26 @@ def to_api(workflow: dict, object_info: dict) -> dict:
 def load_workflow(name: str) -> dict:
     with open(os.path.join(WORKFLOWS, name), encoding="utf-8") as f:
         return json.load(f)
+
+
+def full_width_checkpoint(path: str, seed: int = 0, n_layers: int = 1) -> None:
+    """Random Z-Image weights in the ComfyUI single-file layout at the real width, one main layer. Names and
+    shapes come from our transformer on the meta device; ComfyUI's UNETLoader loading the file checks them."""
+    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+
+    with torch.device("meta"):
+        model = ZImageTransformer(ZImageConfig(n_layers=n_layers))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g)
+        if "norm" in name or name == "cap_embedder.0.weight":
+            v = 1.0 + 0.2 * r
+        elif p.ndim >= 2 and "pad_token" not in name:
+            v = r / p.shape[-1] ** 0.5
+        else:
+            v = 0.5 * r
+        sd[name] = v.to(torch.bfloat16)
+    from safetensors.torch import save_file
+
+    save_file(sd, path)

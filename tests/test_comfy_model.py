@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ROOT, ComfyServer, comfy_vae, comfyui_path, comfyui_python
+from comfy_harness import ROOT, ComfyServer, comfy_vae, comfyui_path, comfyui_python, full_width_checkpoint
 from safetensors.torch import load_file, save_file
 from tiny import rel_err, sample_picture
 
@@ -29,27 +29,6 @@ if os.environ.get("ZIMAGE_FULL_WIDTH_TESTS") != "1":
 
 CKPT = "z_image_full_width_1_layer.safetensors"
 TOL = 1e-4  # native NextDiT lands ~3e-5 from float64 truth per call (DESIGN.md §4); a few steps stay well inside
-
-
-def full_width_checkpoint(path: str, seed: int = 0, n_layers: int = 1) -> None:
-    """Random Z-Image weights in the ComfyUI single-file layout at the real width, one main layer. Names and
-    shapes come from our transformer on the meta device; ComfyUI's UNETLoader loading the file checks them."""
-    from zimage_core.transformer import ZImageConfig, ZImageTransformer
-
-    with torch.device("meta"):
-        model = ZImageTransformer(ZImageConfig(n_layers=n_layers))
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if "norm" in name or name == "cap_embedder.0.weight":
-            v = 1.0 + 0.2 * r
-        elif p.ndim >= 2 and "pad_token" not in name:
-            v = r / p.shape[-1] ** 0.5
-        else:
-            v = 0.5 * r
-        sd[name] = v.to(torch.bfloat16)
-    save_file(sd, path)
 
 
 def lora_file(path: str, seed: int = 3) -> None:
