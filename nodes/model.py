@@ -137,7 +137,8 @@ class ZImageBase(comfy.model_base.Lumina2):
         self.diffusion_model = dit
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        to = {**(transformer_options or {}), SHIFT: float(getattr(self.model_sampling, "shift", 3.0))}  # as patched now
+        to = {SHIFT: float(getattr(self.model_sampling, "shift", 3.0)), **(transformer_options or {})}  # as patched now,
+        # unless the Z-Image Sampler passes its own shift
         return super()._apply_model(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
     def state_dict(self, *args, **kwargs):
@@ -155,7 +156,7 @@ class SamplerModel:
     """A MODEL (ours, or native Z-Image from UNETLoader) as zimage_core's sampler calls a transformer:
     ``model(x, t, captions)`` → x0 − noise, t the model time. Ours is called directly (exact, no σ round trip)
     with the MODEL's transformer_options (``shift``: what our ControlNets' start/end percents map with); the native
-    one through its own ``apply_model``."""
+    one, and ours when nodes wrapped its call (``wrapped``), through ComfyUI's ``apply_model``."""
 
     def __init__(self, patcher, shift: float = 3.0):
         self.patcher, self.base, self.shift = patcher, patcher.model, shift
@@ -183,12 +184,17 @@ class SamplerModel:
                                  "text-to-image, image-to-image and inpainting here.")
         return self.dit.forward_omni(x, t, captions, run=run, **omni)
 
+    def wrapped(self) -> bool:
+        """Whether nodes wrapped the model's call (TorchCompileModel, step caches…): those wrappers sit on ComfyUI's
+        ``apply_model`` / diffusion-model call, so ours then goes that way too, as under KSampler."""
+        return any(self.patcher.wrappers.get(k) for k in (pe.WrappersMP.APPLY_MODEL, pe.WrappersMP.DIFFUSION_MODEL))
+
     def __call__(self, x, t, captions, run=None):
-        if self.ours:
+        if self.ours and not self.wrapped():
             return self.dit.predict(x, t, captions, run=comfy_block_run(self.dit, self.options(), x, t, captions, run))
         sigma = (1.0 - torch.as_tensor(t, dtype=torch.float32, device=x.device)).reshape(-1).expand(len(x))
         outs = []
-        for i in range(len(x)):  # one sample a call: native NextDiT reads every context token, so never pad captions
+        for i in range(len(x)):  # one sample a call: NextDiT (and ours) reads every context token, so never pad captions
             ctx = captions[i][None]
             xi = x[i : i + 1].float()
             den = self.base.apply_model(xi, sigma[i : i + 1], c_crossattn=ctx, num_tokens=ctx.shape[1],

@@ -49,3 +49,58 @@ def test_torch_compile_model_on_our_model(tmp_path):
     out = run_in_comfy(COMFY, SCRIPT, path)
     assert out["frames"] > 0 and out["ops"] > 50, out  # our forward was traced (block matmuls, attention…)
     assert out["rel"] < 1e-5 and out["plain_again"], out
+
+
+LOADER_SCRIPT = r"""
+(folder, name) = ARGS
+import functools
+import comfy.sample, folder_paths
+from comfy_api.torch_helpers import set_torch_compile_wrapper
+from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+from torch._dynamo.testing import CompileCounter
+from zimage_pack.nodes.graph import SamplerSettings, sample_latent
+from zimage_pack.nodes.loaders import ZImageModelLoader
+from zimage_pack.nodes.model import SamplerModel
+import zimage_core as zc
+
+folder_paths.add_model_folder_path("diffusion_models", folder)
+counter = CompileCounter()  # the loader's compile, with a counting backend instead of inductor
+orig = zc.ZImageTransformer.compile_blocks
+zc.ZImageTransformer.compile_blocks = lambda self, **o: orig(self, **{**o, "backend": counter})
+load = lambda c: ZImageModelLoader.execute(name, "fp32", "sdpa", "resident", 0.0, compile=c).args[0]
+plain, compiled = load(False), load(True)
+g = torch.Generator().manual_seed(0)
+cond = [[torch.randn(1, 7, 32, generator=g), {}]]
+neg = [[torch.randn(1, 5, 32, generator=g), {}]]
+lat = {"samples": torch.zeros(1, 16, 16, 16)}
+settings = SamplerSettings(seed=3, steps=3, cfg=2.0, shift=3.0)
+ours = lambda m: sample_latent(SamplerModel(m), cond, neg, lat, settings)["samples"]
+ks = lambda m: comfy.sample.sample(m, comfy.sample.prepare_noise(lat["samples"], 3), 3, 2.0, "euler", "simple", cond, neg,
+                                   lat["samples"], seed=3)
+rel = lambda a, b: float((a - b).norm() / b.norm())
+out = {"distinct": plain is not compiled,
+       "compiled_blocks": sum(b._compiled_call_impl is not None for b in compiled.model.diffusion_model.blocks()),
+       "plain_blocks": sum(b._compiled_call_impl is not None for b in plain.model.diffusion_model.blocks())}
+eager_ours, eager_ks = ours(plain), ks(plain)
+out.update(rel_ours=rel(ours(compiled), eager_ours), rel_ks=rel(ks(compiled), eager_ks), loader_frames=counter.frame_count)
+# ComfyUI's TorchCompileModel on the plain MODEL now also reaches the Z-Image Sampler (through apply_model)
+tcm = CompileCounter()
+c = plain.clone(disable_dynamic=True)
+set_torch_compile_wrapper(model=c, backend=tcm, options={"guard_filter_fn": skip_torch_compile_dict})
+out.update(wrapped=SamplerModel(c).wrapped(), plain_wrapped=SamplerModel(plain).wrapped())
+out.update(rel_tcm=rel(ours(c), eager_ours), tcm_frames=tcm.frame_count)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_loader_compile_option_and_torch_compile_model_reach_both_samplers(tmp_path):
+    """The loader's ``compile`` compiles every block of its own (cached separately) model, and both the Z-Image
+    Sampler and KSampler then run the compiled blocks; TorchCompileModel's wrapper reaches the Z-Image Sampler too.
+    Both give the eager result (a counting backend runs the traced graphs eagerly; fp32, CFG 2, 3 steps)."""
+    save_comfyui(diffusers_transformer(seed=1), str(tmp_path / "z.safetensors"))
+    out = run_in_comfy(COMFY, LOADER_SCRIPT, tmp_path, "z.safetensors")
+    assert out["distinct"] and out["compiled_blocks"] == 4 and out["plain_blocks"] == 0, out  # 1+1 refiners, 2 layers
+    assert out["loader_frames"] > 0, out
+    assert out["rel_ours"] < 1e-5 and out["rel_ks"] < 1e-5, out
+    assert out["wrapped"] and not out["plain_wrapped"] and out["tcm_frames"] > 0, out
+    assert out["rel_tcm"] < 1e-5, out

@@ -59,3 +59,32 @@ def test_compile_blocks_keeps_names_and_results(model, tmp_path):
     assert other.state_dict().keys() == model.state_dict().keys()
     with torch.inference_mode():
         assert rel_err(other(x, t, caps), model(x, t, caps)) < 1e-6
+
+
+def test_missing_compilers_are_named_before_loading(monkeypatch, tmp_path):
+    """No Triton for a GPU or no C++ compiler for the CPU: a clear error before any weight is read, not inductor's
+    traceback at the first step (the loader node and the CLI's --compile ask first)."""
+    import torch._inductor.cpp_builder as cpp
+    import torch.utils._triton as triton_probe
+
+    from zimage_core.compiling import compile_problem, require_compile
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler found in ('g++',)")
+
+    monkeypatch.setattr(cpp, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
+    assert "C++ compiler" in compile_problem("cpu") and "CXX" in compile_problem("cpu")
+    with pytest.raises(zc.ZImageError, match=r"cannot compile z\.safetensors: torch\.compile needs Triton.*triton-windows.*"
+                                             r"Turn compile off"):
+        require_compile("cuda", "z.safetensors")
+    assert "does not generate code for mps" in compile_problem("mps")
+    monkeypatch.setattr(cpp, "get_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: True)
+    assert compile_problem("cpu") is None and compile_problem("cuda") is None
+    from zimage_core import cli
+
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
+    with pytest.raises(zc.ZImageError, match="cannot compile the transformer"):
+        cli.generate(cli._parser().parse_args(["generate", "--prompt", "x", "--models", str(tmp_path), "--device", "cuda",
+                                               "--compile"]))

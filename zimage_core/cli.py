@@ -153,8 +153,11 @@ def generate(a) -> list[str]:
     from PIL import Image
     from tqdm import tqdm
 
+    from .compiling import require_compile
     from .pipeline import GenerationSettings, ZImagePipeline
 
+    if a.compile:
+        require_compile(a.device, "the transformer (--compile)")  # before minutes of loading
     paths = _weights(a)
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
     refs = [Image.open(p).convert("RGB") for p in a.reference]
