@@ -16,10 +16,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cpu_half
 from .errors import ZImageError
 
 
 def _sdpa(q, k, v, mask, causal=False):
+    if cpu_half.upcast(q):  # same math in fp32 kernels, result rounded once (cpu_half.py)
+        return _sdpa(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
     m = None if mask is None else mask[:, None, None, :]
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal and m is None, enable_gqa=gqa)

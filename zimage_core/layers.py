@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int8_mm, scaled_mm
+from . import cpu_half, int8_mm, scaled_mm
 from .packed import Packed
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -71,6 +71,8 @@ class Linear(StoredWeight):
             y = scaled_mm.fp8_linear(x, self.weight, self.weight_scale, b, self.input_scale)
         elif self.quant_matmul and int8_mm.can_use(self.weight, x):
             y = int8_mm.int8_linear(x, self.weight, b)
+        elif cpu_half.upcast(x):  # same products, in fp32 GEMMs (cpu_half.py)
+            y = F.linear(x.float(), self.compute_weight(x.dtype).float(), None if b is None else b.float()).to(x.dtype)
         else:
             y = F.linear(x, self.compute_weight(x.dtype), b)
         for down, up, factor in self.patches:  # low-rank (down, up) or dense (None, ΔW)
