@@ -365,8 +365,8 @@ dit = NextDiT(patch_size=2, in_channels=16, dim=3840, n_layers=1, n_refiner_laye
 missing, unexpected = dit.load_state_dict(comfy.utils.load_torch_file(dit_path), strict=False)
 assert not unexpected and all("norm_final" in k for k in missing), (missing, unexpected)
 sd = z_image_convert(comfy.utils.load_torch_file(cn_path))
-# the configuration ModelPatchLoader derives for this layout, with the file's one/two control layers
-n = 1 if layout == "v1" else 2
+# the configuration ModelPatchLoader derives for this layout, with the file's one/two control layers (lite: its three)
+n = {"v1": 1, "lite": 3}.get(layout, 2)
 cfg = dict(n_control_layers=n) if layout == "v1" else dict(n_control_layers=n, additional_in_dim=17, refiner_control=True,
                                                              broken=layout == "2.0")
 cn = ZImage_Control(dtype=torch.bfloat16, device="cpu", operations=ops, **cfg)  # bf16 storage, fp32 compute
@@ -390,7 +390,7 @@ torch.save({"out": -v}, out)  # native NextDiT returns the velocity −(x0 − n
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("layout", ["v1", "2.1", "2.0"])
+@pytest.mark.parametrize("layout", ["v1", "2.1", "2.0", "lite"])
 def test_comfyui_native_path(tmp_path, layout):
     """ComfyUI's ZImage_Control + NextDiT (it recognises Z-Image only at width 3840) against ours with
     ``caption_in_stream=False``, its variant: equal within 1e-4 (ComfyUI's fp32 attention and RoPE differ in
@@ -404,7 +404,7 @@ def test_comfyui_native_path(tmp_path, layout):
     comfy = comfyui_path()
     if comfy is None:
         pytest.skip("no ComfyUI found")
-    # measured on 2 loaded CPU cores: 6 min for the three layouts, 17 GB peak — beyond the CI budget, like the
+    # measured on 2 loaded CPU cores: 6 min for v1, 2.1 and 2.0 (lite alone 4 min), 17 GB peak — beyond the CI budget, like the
     # full-width MODEL parity module (tests/test_comfy_model.py)
     if os.environ.get("ZIMAGE_FULL_WIDTH_TESTS") != "1":
         pytest.skip("full-width ControlNet vs native ZImage_Control (minutes, ≈17 GB RAM): set ZIMAGE_FULL_WIDTH_TESTS=1")
@@ -412,7 +412,8 @@ def test_comfyui_native_path(tmp_path, layout):
     dit_path = save_comfyui(diffusers_transformer(seed=1, **big), str(tmp_path / "dit.safetensors"), dtype=torch.bfloat16)
     # few control layers keep memory low (≈3 GB each side). 2.x: two, at native's spacing round(30 / n) = 15 — with one,
     # native's ZImageControlPatch drops its state after the first refiner block (block 1 / 30 > n − 1) and restarts it
-    places = [0] if layout == "v1" else [0, 15]
+    # lite: all three, at native's spacing round(30 / 3) = 10 (ModelPatchLoader's lite: no control_layers.4)
+    places = {"v1": [0], "lite": [0, 10, 20]}.get(layout, [0, 15])
     from diffusers import ZImageControlNetModel
     from tiny import randomize_
     cfg = {**LAYOUTS[layout], "control_layers_places": places}
