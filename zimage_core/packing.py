@@ -71,12 +71,24 @@ def pack(tok: Tokens, axes_dims, theta: float) -> Packed:
     x, pid = _stack(tok.x, n), _stack(tok.ids, n)
     mask = None
     if any(length != n for length in lengths):
-        mask = torch.arange(n, device=x.device)[None] < torch.tensor(lengths, device=x.device)[:, None]
+        mask = _cached(("mask", tuple(lengths), str(x.device)), lambda: (torch.arange(n)[None] < torch.tensor(lengths)[:, None]).to(x.device))
     noisy = None if tok.noisy is None else _stack(tok.noisy, n)
     return Packed(x, rope_table(pid, tuple(axes_dims), theta, x.dtype == torch.float64, x.device), mask, noisy, lengths)
 
 
-_ROPE: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, build) -> torch.Tensor:
+    """Device tensors that depend only on the token layout, built once: after the first step a forward copies nothing
+    from the host (a host-to-device copy would make the host wait for the GPU)."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in _TABLES:
+        if len(_TABLES) >= 32:  # a few layouts are live at a time (CFG pairs, refiner and unified runs)
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = build()
+    return _TABLES[key]
 
 
 def rope_table(pid: torch.Tensor, axes_dims: tuple, theta: float, fp64: bool, device) -> torch.Tensor:
@@ -86,12 +98,7 @@ def rope_table(pid: torch.Tensor, axes_dims: tuple, theta: float, fp64: bool, de
 
     if torch.compiler.is_compiling():
         return build()
-    key = (tuple(pid.shape), pid.numpy().tobytes(), axes_dims, theta, fp64, str(device))
-    if key not in _ROPE:
-        if len(_ROPE) >= 16:  # a few layouts are live at a time (CFG pairs, refiner and unified runs)
-            _ROPE.pop(next(iter(_ROPE)))
-        _ROPE[key] = build()
-    return _ROPE[key]
+    return _cached((tuple(pid.shape), pid.numpy().tobytes(), axes_dims, theta, fp64, str(device)), build)
 
 
 def join(parts: list[Tokens]) -> Tokens:
