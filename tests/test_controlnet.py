@@ -26,8 +26,9 @@ from tiny import TINY_DIT, diffusers_controlnet, diffusers_transformer, rel_err
 from tiny import save_controlnet as controlnet_file
 
 from zimage_core import ZImageError, load_transformer
-from zimage_core.blocks import BlockRun
+from zimage_core.blocks import PLAIN, BlockRun
 from zimage_core.controlnet import Control, blank_masked, control_hooks, control_input, load_controlnet
+from zimage_core.offload import BlockStreamer, Ledger, module_bytes, plan_with_sides
 
 DIT = dict(n_layers=30, n_refiner_layers=2)
 TOL = 2e-6
@@ -313,6 +314,37 @@ def test_pipeline_equals_diffusers(pipes, tmp_path, layout, inpaint):
     assert rel_err(latents, ref) < 2e-5, rel_err(latents, ref)
 
 
+def test_pipeline_streams_control_models_under_its_budget(pipes, tmp_path):
+    """The pipeline plans its control models with the transformer under one --vram-budget: too small for both, the
+    control blocks stream and the final latents equal the resident run's; afterwards nothing stays placed."""
+    from tiny import sample_picture
+
+    import zimage_core as zc
+    from zimage_core.controlnet import ControlImage
+    from zimage_core.offload import GB, activation_bytes
+
+    _, ours, _ = pipes
+    model = load_controlnet(controlnet_file(diffusers_controlnet("2.1"), tmp_path / "cn.safetensors", "2.1"),
+                            dtype=torch.float32)
+    s = zc.GenerationSettings(prompt="a house by a lake", width=64, height=48, preset="base", steps=2, cfg=3.0, seed=5)
+    spec = ControlImage(model, sample_picture(64, 48, seed=3), 0.8)
+    _, resident = ours(s, controls=[spec])
+    acts = activation_bytes(ours.transformer, 64, 48, 1, True, controls=1)
+    seen = []
+    ours.stream_on_cpu, ours.offload_mode = True, "budget"
+    budget = acts + (module_bytes(ours.transformer) + module_bytes(model)) // 2
+    ours.vram_budget_gb = budget / GB
+    try:
+        _, streamed = ours(s, controls=[spec], callback=lambda _: seen.append((ours.transformer.executor, model.executor)))
+    finally:
+        ours.stream_on_cpu, ours.offload_mode, ours.vram_budget_gb = False, "auto", None
+    assert torch.equal(streamed, resident)
+    main, side = seen[0]
+    assert side.plan.streamed and side.copied_bytes >= 2 * side.plan.streamed_bytes  # streamed at both steps
+    assert bound(main.plan) + bound(side.plan) <= budget + 1  # (GB rounding)
+    assert model.executor is PLAIN and ours.transformer.executor is PLAIN and main.ledger.now == side.ledger.now == 0
+
+
 def test_cli_control_options(tmp_path, tokenizer_dir):
     """--control IMAGE[:STRENGTH] with --control-model FILE changes the image; strength 0 leaves it as without."""
     import os
@@ -440,25 +472,105 @@ def test_comfyui_native_path(tmp_path, layout):
     assert rel_err(reference, native) > 1e-3
 
 
-def test_control_models_are_taken_off_the_transformers_budget(monkeypatch):
-    """Control models are placed on the device before the transformer's offload plan is made, and a budget is what is
-    left of it after them (the plan would otherwise count on memory they hold)."""
-    import zimage_core.offload as off
-    from zimage_core.pipeline import ZImagePipeline
+# ---- offloading: control blocks streamed like the transformer's ------------------------------------------------
+def joint_plans(ours, model, room: int):
+    """Plans for the transformer and one control model under one budget: both streamed, ``room`` bytes of resident
+    blocks beyond the smallest plan (fixed modules and three blocks in flight each)."""
+    def least(m):
+        sizes = [module_bytes(b) for b in m.blocks()]
+        return module_bytes(m) - sum(sizes) + 3 * max(sizes)
 
-    seen = {}
+    budget = least(ours) + least(model) + room
+    return budget, plan_with_sides(ours, [model], mode="budget", budget=budget, device="cpu")
 
-    class Streamer:
-        def detach(self):
-            seen["detached"] = True
 
-    def fake_offload(_model, *, mode, budget_gb, device, **_activations):
-        seen.update(mode=mode, budget_gb=budget_gb, device=device.type)
-        return Streamer()
+def bound(plan) -> int:
+    return plan.fixed_bytes + plan.resident_bytes + plan.buffer_bytes + plan.activation_bytes
 
-    monkeypatch.setattr(off, "offload", fake_offload)
-    pipe = ZImagePipeline(None, None, None, device="cpu", offload="budget", vram_budget_gb=6.0)
-    pipe.device = torch.device("cuda")  # the plan path only: no tensor moves here
-    with pipe.on_device(object(), reserved=int(1.5 * off.GB)):
-        assert seen == {"mode": "budget", "budget_gb": 4.5, "device": "cuda"}
-    assert seen["detached"]
+
+@pytest.mark.parametrize("layout", ["v1", "2.1", "2.0"])
+def test_streamed_control_model_equals_resident(dit, tmp_path, layout):
+    """A streamed control model beside a streamed transformer gives the resident result bit for bit (on the CPU the
+    streamed weights are clones of the same tensors run by the same kernels), within each plan at every moment,
+    and leaves nothing placed after detach."""
+    _, _, ours = dit
+    model = load_controlnet(controlnet_file(diffusers_controlnet(layout), tmp_path / "cn.safetensors", layout),
+                            dtype=torch.float32)
+    x, t, caps, ctl = inputs(5, [(8, 8), (8, 8)], [5, 40], model.cfg.in_channels)
+    controls = [Control(model, torch.stack(ctl), 0.7)]
+    with torch.no_grad():
+        ref = controlled(ours, x, t, caps, controls)
+    budget, (main, side) = joint_plans(ours, model, room=len(ours.layers) // 2 * max(map(module_bytes, ours.layers)))
+    assert side.streamed and main.streamed and main.resident and bound(main) + bound(side) <= budget
+    ledgers = Ledger(), Ledger()
+    st = BlockStreamer(ours, main, ledgers[0]).attach()
+    st.sides = [BlockStreamer(model, side, ledgers[1]).attach()]
+    try:
+        with torch.no_grad():
+            runs = [controlled(ours, x, t, caps, controls) for _ in range(2)]  # the second one after a cyclic prefetch
+    finally:
+        copied = st.sides[0].copied_bytes
+        st.detach()
+    for got in runs:
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert copied >= 2 * side.streamed_bytes  # every streamed control block was copied in, each forward
+    assert ledgers[0].peak <= bound(main) and ledgers[1].peak <= bound(side)
+    assert ledgers[0].now == ledgers[1].now == 0 and model.executor is PLAIN and ours.executor is PLAIN
+
+
+def test_one_budget_streams_control_blocks_first(dit, tmp_path):
+    """Everything fits: all resident. Short: the control model streams and the transformer plans with the rest;
+    room the transformer does not need goes back to control blocks; the planned peaks never add up past the budget."""
+    _, _, ours = dit
+    model = load_controlnet(controlnet_file(diffusers_controlnet("2.1"), tmp_path / "cn.safetensors", "2.1"),
+                            dtype=torch.float32)
+    acts = 10_000
+    total = module_bytes(ours) + module_bytes(model) + acts
+    big = plan_with_sides(ours, [model], mode="budget", budget=total, activations=acts, device="cpu")
+    assert all(not p.streamed for p in big) and sum(map(bound, big)) == total
+    sizes = list(map(module_bytes, model.blocks()))
+    block = max(sizes)
+    few = module_bytes(ours) + acts + module_bytes(model) - sum(sizes) + 5 * block  # 3 in flight, 2 resident
+    for budget in (total - 1, total - 4 * block, few, total // 2, total // 4):
+        main, side = plan_with_sides(ours, [model], mode="budget", budget=budget, activations=acts, device="cpu")
+        assert side.streamed, budget
+        assert main.shortfall or bound(main) + bound(side) <= budget, (budget, main.describe(), side.describe())
+        if budget >= few:
+            assert not main.streamed and side.resident  # the transformer whole, some control blocks resident
+        if budget <= total // 2:
+            assert main.streamed and not side.resident
+    auto = plan_with_sides(ours, [model], mode="auto", free_bytes=total // 2, activations=acts, device="cpu")
+    assert auto[1].streamed and bound(auto[0]) + bound(auto[1]) <= total // 2
+
+
+def test_interrupt_releases_the_control_models_copies(dit, tmp_path):
+    """An interrupted sampling leaves control blocks in flight; the sampler node's ``drop_inflight`` on the
+    transformer's streamer releases them too, and the next run is right."""
+    import zimage_core as zc
+
+    _, _, ours = dit
+    model = load_controlnet(controlnet_file(diffusers_controlnet("v1"), tmp_path / "cn.safetensors", "v1"),
+                            dtype=torch.float32)
+    x, t, caps, ctl = inputs(6, [(8, 8)], [9], 16)
+    controls = [Control(model, torch.stack(ctl), 0.8)]
+    with torch.no_grad():
+        ref = controlled(ours, x, t, caps, controls)
+    _, (main, side) = joint_plans(ours, model, room=0)
+    st = BlockStreamer(ours, main).attach()
+    st.sides = [BlockStreamer(model, side).attach()]
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] == 9  # inside the main layers: control layers 0 and 1 have run
+
+    try:
+        with pytest.raises(zc.ZImageInterrupted):
+            zc.sample(ours, x[0][None], caps, sigmas=zc.sigmas(2), cancel=cancel, control=controls)
+        assert st.sides[0].inflight
+        st.drop_inflight()
+        assert not st.sides[0].inflight and st.sides[0].ledger.now == side.fixed_bytes + side.resident_bytes
+        with torch.no_grad():
+            assert torch.equal(controlled(ours, x, t, caps, controls)[0], ref[0])
+    finally:
+        st.detach()

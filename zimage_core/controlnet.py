@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .blocks import BlockCall
+from .blocks import PLAIN, BlockCall, Executor
 from .detect import describe, strip_prefix
 from .errors import ZImageError
 from .layers import Linear
@@ -125,6 +125,11 @@ class ZImageControlNet(nn.Module):
             self.control_noise_refiner = nn.ModuleList([Block(bc, True, device) for _ in range(cfg.n_refiner)])
         elif cfg.refiner == "control":
             self.control_noise_refiner = nn.ModuleList([ControlBlock(bc, i == 0, device) for i in range(cfg.n_refiner)])
+        self.executor: Executor = PLAIN  # the offload streamer's while it is attached (blocks.py, offload.py)
+
+    def blocks(self) -> list[nn.Module]:
+        """Every block, in the order a forward first runs it (what the offload streamer plans and prefetches)."""
+        return [*getattr(self, "control_noise_refiner", ()), *self.control_layers]
 
     def refiner_chain(self) -> Sequence[ControlBlock]:
         """Control blocks run alongside the main noise refiner (2.x); their first hints go after its blocks."""
@@ -166,7 +171,8 @@ class ControlRun:
     noise-refiner block it embeds the control tokens; after noise-refiner block i it adds the refiner hint i
     (2.x); at the first main layer it starts the control stream from the main sequence's input; after main
     layer ``places[k]`` it adds hint k. Each hint is computed just before it is added, so only the running
-    control state is kept; control blocks run on the compute device (the control model is resident)."""
+    control state is kept. Control blocks run through the control model's executor: resident, or streamed by its
+    own offload streamer in the model's block order (offload.py ``plan_with_sides``)."""
 
     def __init__(self, control: Control, transformer, latent: torch.Tensor):
         self.c, self.m, self.strength, self.latent = control, control.model, control.strength, latent
@@ -214,12 +220,16 @@ class ControlRun:
     def _start(self, call: BlockCall) -> None:
         """A forward begins (hooks are reused by every pass of one step: the state restarts here)."""
         self.done = self.next = 0
+        self.m.executor.begin(self.m.blocks())
         self.x0, self.rope, self.mask, self.temb = call.x, call.rope, call.mask, call.temb
         self.img_len = call.x.shape[1]
         self.state = self._tokens(call)
 
+    def _run(self, block, *args):
+        return self.m.executor.run(block, block, *args)
+
     def _refine_one(self) -> torch.Tensor:
-        skip, self.state = self.chain[self.done](self.state, self.x0, self.rope, self.mask, self.temb)
+        skip, self.state = self._run(self.chain[self.done], self.state, self.x0, self.rope, self.mask, self.temb)
         self.done += 1
         return skip
 
@@ -234,7 +244,7 @@ class ControlRun:
     def _layers_start(self, call: BlockCall) -> None:
         if self.m.cfg.refiner == "plain":
             for blk in self.m.control_noise_refiner:
-                self.state = blk(self.state, self.rope, self.mask, self.temb)
+                self.state = self._run(blk, self.state, self.rope, self.mask, self.temb)
         while self.done < len(self.chain):
             self._refine_one()
         if self.c.caption_in_stream:  # [control tokens | caption tokens], as the main sequence [image | caption]
@@ -253,8 +263,8 @@ class ControlRun:
         if k is None:
             return u
         while self.next <= k:
-            skip, self.state = self.m.control_layers[self.next](self.state, self.x0 if self.next == 0 else None,
-                                                                 self.rope, self.mask, self.temb)
+            skip, self.state = self._run(self.m.control_layers[self.next], self.state, self.x0 if self.next == 0 else None,
+                                         self.rope, self.mask, self.temb)
             self.next += 1
         if self.c.caption_in_stream:
             return u + skip * self.strength

@@ -42,13 +42,17 @@ def module_bytes(m: nn.Module) -> int:
     return total
 
 
-def activation_bytes(model, width: int, height: int, batch: int = 1, cfg: bool = False, caption_tokens: int = 512) -> int:
-    """Peak activation memory of one transformer forward (one block's intermediates + the sequences), with margin."""
+def activation_bytes(model, width: int, height: int, batch: int = 1, cfg: bool = False, caption_tokens: int = 512,
+                     controls: int = 0) -> int:
+    """Peak activation memory of one transformer forward (one block's intermediates + the sequences), with margin.
+    Each control model adds its running stream, its hint and its input tokens (its blocks run between the main ones,
+    so their intermediates are the main blocks')."""
     cfg_ = model.cfg
     b = batch * (2 if cfg else 1)
     s = (height // 16) * (width // 16) + caption_tokens + 64
     item = torch.finfo(model.compute_dtype).bits // 8
-    per_token = cfg_.dim * 8 + cfg_.ffn_hidden * 3  # x, residual, qkv (3), attention out, norms + w1, w3, silu·w3
+    # x, residual, qkv (3), attention out, norms + w1, w3, silu·w3
+    per_token = cfg_.dim * (8 + 3 * controls) + cfg_.ffn_hidden * 3
     return int(1.25 * b * s * per_token * item) + 64 * 1024**2
 
 
@@ -148,6 +152,40 @@ def plan_offload(model, *, mode: str = "auto", budget: int | None = None, free_b
     buf = (prefetch + 1) * max((sizes[i] for i in streamed), default=0) if streamed else 0
     return OffloadPlan(mode, dev, cap, resident, streamed, fixed, res_bytes, sum(sizes[i] for i in streamed), buf,
                        activations, prefetch, notes, shortfall)
+
+
+def plan_with_sides(model, sides, *, mode: str = "auto", budget: int | None = None, free_bytes: int | None = None,
+                    activations: int = 0, prefetch: int = 2, device=None) -> list[OffloadPlan]:
+    """Plans for ``model`` and its side models (Fun ControlNets: anything with ``blocks()``) under ONE budget, in that
+    order. Everything resident when it fits. Else the side models stream first: a control block runs at most once a
+    forward, and not at all outside its start/end range, so its copy is paid only when used, while a transformer
+    block runs every forward. Each side keeps its fixed modules and room for its blocks in flight; the transformer
+    plans with what is left, and room it does not need goes back to the sides' blocks. The peaks add up to at most
+    the budget (activations counted once, with the transformer's), unless the transformer's plan has a shortfall."""
+    if mode not in MODES:
+        raise ZImageError(f"unknown offload mode {mode!r}; choose one of {', '.join(MODES)}.")
+    cap = budget if mode == "budget" else free_bytes
+
+    def at(m, c, acts=0, mode=mode):
+        return plan_offload(m, mode=mode, budget=c, free_bytes=c, activations=acts, prefetch=prefetch, device=device)
+
+    if not sides or mode in ("resident", "min_vram") or cap is None:
+        return [at(m, cap, activations if m is model else 0) for m in (model, *sides)]
+    whole = [at(m, None, mode="resident") for m in (model, *sides)]
+    if sum(p.peak_bytes for p in whole) + activations <= cap:
+        return [at(m, cap, activations if m is model else 0) for m in (model, *sides)]
+    side = []
+    for m in sides:  # streamed: fixed modules and prefetch + 1 blocks in flight (fewer blocks than that stay resident)
+        sizes = [module_bytes(b) for b in m.blocks()]
+        side.append(at(m, at(m, None, mode="resident").fixed_bytes + (prefetch + 1) * max(sizes, default=0)))
+    main = at(model, cap - sum(p.peak_bytes for p in side), activations)
+    left = cap - main.peak_bytes - sum(p.peak_bytes for p in side) if not main.streamed else 0
+    for i, m in enumerate(sides):
+        if left > 0:
+            more = at(m, side[i].peak_bytes + left)
+            left -= more.peak_bytes - side[i].peak_bytes
+            side[i] = more
+    return [main, *side]
 
 
 class Ledger:
@@ -268,6 +306,7 @@ class BlockStreamer(Executor):
         self.host: dict[int, list] = {}  # streamed block → its host tensors, in slot order
         self.copied_bytes = 0
         self.attached = False
+        self.sides: list[BlockStreamer] = []  # the control models' streamers (plan_with_sides): detached with this one
 
     def _fixed_slots(self):
         return fixed_slots(self.model, self.blocks)
@@ -320,7 +359,10 @@ class BlockStreamer(Executor):
                 self._promote(i)
 
     def detach(self) -> None:
-        """Every tensor back to host memory; the model's executor is the plain one again."""
+        """Every tensor back to host memory (the side models' too); the model's executor is the plain one again."""
+        for side in self.sides:
+            side.detach()
+        self.sides = []
         self.drop_inflight()
         for m, n, k in _slots(self.model):
             _set(m, n, k, _to_host(_get(m, n, k), False))
@@ -331,7 +373,7 @@ class BlockStreamer(Executor):
 
     @property
     def placed_bytes(self) -> int:
-        return self.ledger.now
+        return self.ledger.now + sum(s.placed_bytes for s in self.sides)
 
     # ---- streaming --------------------------------------------------------------------------------
     def begin(self, blocks) -> None:
@@ -376,6 +418,8 @@ class BlockStreamer(Executor):
             self.retiring.pop(0).synchronize()
 
     def drop_inflight(self) -> None:
+        for side in self.sides:
+            side.drop_inflight()
         for i in list(self.inflight):
             self._release(i)
 
@@ -415,14 +459,20 @@ class BlockStreamer(Executor):
 
 def offload(model, *, mode: str = "auto", budget_gb: float | None = None, device=None, width: int = 1024,
             height: int = 1024, batch: int = 1, cfg: bool = False, prefetch: int = 2,
-            free_bytes: Callable[[torch.device], int] | int | None = None, ledger: Ledger | None = None) -> BlockStreamer:
-    """Plan and attach streaming for ``model`` in one call (the standalone pipeline and tests use this)."""
+            free_bytes: Callable[[torch.device], int] | int | None = None, ledger: Ledger | None = None,
+            sides=()) -> BlockStreamer:
+    """Plan and attach streaming for ``model`` in one call (the standalone pipeline and tests use this). ``sides``:
+    its control models, planned under the same budget (``plan_with_sides``) and attached as ``streamer.sides``."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    acts = activation_bytes(model, width, height, batch, cfg) if hasattr(model, "cfg") and hasattr(model.cfg, "ffn_hidden") else 0
+    acts = activation_bytes(model, width, height, batch, cfg, controls=len(sides)) \
+        if hasattr(model, "cfg") and hasattr(model.cfg, "ffn_hidden") else 0
     free = free_bytes(dev) if callable(free_bytes) else free_bytes
     if free is None and mode == "auto" and dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0] - 512 * 1024**2
-    plan = plan_offload(model, mode=mode, budget=None if budget_gb is None else int(budget_gb * GB), free_bytes=free,
-                        activations=acts, prefetch=prefetch, device=dev)
-    (log.warning if plan.shortfall else log.info)("Z-Image offload plan: %s", plan.describe())
-    return BlockStreamer(model, plan, ledger).attach()
+    plan, *side = plan_with_sides(model, list(sides), mode=mode, budget=None if budget_gb is None else int(budget_gb * GB),
+                                  free_bytes=free, activations=acts, prefetch=prefetch, device=dev)
+    for m, p in zip((model, *sides), (plan, *side)):
+        (log.warning if p.shortfall else log.info)("Z-Image offload plan (%s): %s", type(m).__name__, p.describe())
+    st = BlockStreamer(model, plan, ledger).attach()
+    st.sides = [BlockStreamer(m, p).attach() for m, p in zip(sides, side)]
+    return st

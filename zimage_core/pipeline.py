@@ -19,7 +19,6 @@ from .controlnet import Control, ControlImage, prepare_control
 from .errors import ZImageError
 from .images import pil_to_tensor, prepare_reference_image
 from .noise import comfy_noise
-from .offload import module_bytes
 from .sampler import CondEntry, Step, sample
 from .schedule import PRESETS, sigmas, start_index
 from .templates import TEMPLATE_PROMPT, assemble_segments, reference_segments
@@ -142,6 +141,9 @@ def mask_to_latent(mask: Image.Image | torch.Tensor, h: int, w: int, binarize: b
 class ZImagePipeline:
     """Text-to-image, image-to-image and inpainting with our transformer, text encoder and autoencoder."""
 
+    # On a CPU device the weights already live where compute runs; tests set this to stream there all the same.
+    stream_on_cpu = False
+
     def __init__(self, transformer, text_encoder, autoencoder: AutoEncoder, device="cpu", offload: str = "auto",
                  vram_budget_gb: float | None = None):
         self.transformer, self.text_encoder, self.autoencoder = transformer, text_encoder, autoencoder
@@ -158,34 +160,22 @@ class ZImagePipeline:
         return cls(dit, te, vae, device, offload, vram_budget_gb)
 
     @contextmanager
-    def on_device(self, model, reserved: int = 0, **activation_args):
+    def on_device(self, model, sides=(), **activation_args):
         """Run ``model`` on the pipeline's device under the offload plan, and hand the memory back afterwards.
-        ``reserved``: bytes already placed on the device for this run (control models), taken off a budget (the
-        auto mode sees them in the device's free memory)."""
-        if self.device.type == "cpu":
+        ``sides``: its control models, planned under the same budget (streamed first when it is short)."""
+        if self.device.type == "cpu" and not self.stream_on_cpu:
             yield
             return
-        from .offload import GB, offload
+        from .offload import offload
 
-        budget = self.vram_budget_gb if self.vram_budget_gb is None else max(self.vram_budget_gb - reserved / GB, 0.0)
-        st = offload(model, mode=self.offload_mode, budget_gb=budget, device=self.device, **activation_args)
+        st = offload(model, mode=self.offload_mode, budget_gb=self.vram_budget_gb, device=self.device, sides=sides,
+                     **activation_args)
         try:
             yield
         finally:
             st.detach()
-            torch.cuda.empty_cache()
-
-    @contextmanager
-    def resident(self, models):
-        """Small side models (control nets) live on the device while sampling runs."""
-        models = list(models)
-        for m in models:
-            m.to(self.device)
-        try:
-            yield
-        finally:
-            for m in models:
-                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @contextmanager
     def vae_on_device(self):
@@ -304,9 +294,8 @@ class ZImagePipeline:
                 pos = [CondEntry(list(x.unbind(0)), start=a, end=b) for _, x, a, b in parts]
         ctl = self.encode_controls(controls, s.width, s.height, vae_tile) if controls else []
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
-        side = [c.model for c in ctl]  # placed first, so the transformer's plan leaves room for them
-        with self.resident(side), self.on_device(self.transformer, reserved=sum(module_bytes(m) for m in side),
-                                                 width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
+        side = list({id(c.model): c.model for c in ctl}.values())
+        with self.on_device(self.transformer, side, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
                        cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask, shift=s.shift,
                        callback=callback, cancel=cancel, control=ctl).cpu()
