@@ -6,8 +6,8 @@ Why a model patch rather than conditioning: the hints go into the transformer's 
 ComfyUI's native ``ZImageFunControlnet``. The Apply node returns a copy of the model carrying the controls;
 the input model stays plain for other branches, several Apply nodes stack, and LoRA nodes compose either side.
 The controls ride in the MODEL's ``transformer_options["zimage_control"]`` (where our diffusion model reads them
-on every sampler call, KSampler included: nodes/model.py) and the control model is an additional model that
-ComfyUI's memory manager loads with it.
+on every sampler call, KSampler included: nodes/model.py). The MODEL's patcher loads their control models with the
+transformer under one plan (nodes/memory.py): resident when the budget allows, else their blocks stream too.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def control_path(name: str) -> str:
     raise zc.ZImageError(f"{name} is not in models/model_patches or models/controlnet; put the file there.")
 
 
-def with_control(model: ModelPatcher, control: Control, patcher: ModelPatcher) -> ModelPatcher:
-    """A copy of ``model`` with one more control; the control model's patcher joins the ones ComfyUI loads."""
+def with_control(model: ModelPatcher, control: Control) -> ModelPatcher:
+    """A copy of ``model`` with one more control. Not an additional model for ComfyUI to load whole: the MODEL's
+    patcher plans and streams the control model with the transformer (``ZImagePatcher.sides``)."""
     if not isinstance(getattr(model.model, "diffusion_model", None), ZImageDiffusionModel):
         raise zc.ZImageError("Z-Image Apply ControlNet needs the MODEL of Load Z-Image Model; for ComfyUI's own "
                              "UNETLoader model use ModelPatchLoader + ZImageFunControlnet.")
     out = model.clone()
     to = out.model_options.setdefault("transformer_options", {})
     to[CONTROL] = [*to.get(CONTROL, ()), control]
-    out.set_additional_models(CONTROL, [*out.get_additional_models_with_key(CONTROL), patcher])
     return out
 
 
@@ -170,4 +170,4 @@ class ZImageApplyControlNet(io.ComfyNode):
         if (inpaint_image is not None or mask is not None) and not cn.cfg.inpaint:
             raise zc.ZImageError(f"{cn.cfg.name} has no inpainting input; use a 2.x Union model to inpaint.")
         control = Control(cn, control_latents(cn, vae, image, inpaint_image, mask), strength, start_percent, end_percent)
-        return io.NodeOutput(with_control(model, control, control_net))
+        return io.NodeOutput(with_control(model, control))

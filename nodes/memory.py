@@ -24,22 +24,26 @@ from comfy.weight_adapter import LoRAAdapter
 
 from zimage_core.layers import FP8_DTYPES, Linear
 from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
-from zimage_core.offload import GB, BlockStreamer, OffloadPlan, module_bytes, plan_offload
+from zimage_core.offload import GB, BlockStreamer, OffloadPlan, module_bytes, plan_with_sides
 from zimage_core.packed import Packed
 from zimage_core.quant import quantize_fp8
+
+from .model import CONTROL
 
 log = logging.getLogger("zimage")
 
 
-def plan_for_settings(model, mode: str, budget_gb: float, offered: float | None, activations: int, prefetch: int, device):
-    """The plan for a loader's offload settings when ComfyUI offers ``offered`` bytes (None: no limit)."""
+def plan_for_settings(model, mode: str, budget_gb: float, offered: float | None, activations: int, prefetch: int, device,
+                      sides=()) -> list[OffloadPlan]:
+    """The plans for a loader's offload settings when ComfyUI offers ``offered`` bytes (None: no limit): the model's,
+    then its control models' (``sides``), all under that one budget."""
+    kw = dict(activations=activations, prefetch=prefetch, device=device)
     if mode == "budget" and budget_gb > 0:
         cap = budget_gb * GB if offered is None else min(budget_gb * GB, offered)
-        return plan_offload(model, mode="budget", budget=int(cap), activations=activations, prefetch=prefetch, device=device)
+        return plan_with_sides(model, sides, mode="budget", budget=int(cap), **kw)
     if mode in ("resident", "min_vram"):
-        return plan_offload(model, mode=mode, activations=activations, prefetch=prefetch, device=device)
-    free = None if offered is None else int(offered)
-    return plan_offload(model, mode="auto", free_bytes=free, activations=activations, prefetch=prefetch, device=device)
+        return plan_with_sides(model, sides, mode=mode, **kw)
+    return plan_with_sides(model, sides, mode="auto", free_bytes=None if offered is None else int(offered), **kw)
 
 
 @dataclass
@@ -86,9 +90,14 @@ class ZImagePatcher(ModelPatcher):
             model.__dict__["zimage_offload"] = OffloadState()
         self.state: OffloadState = model.__dict__["zimage_offload"]
 
+    def sides(self) -> list:
+        """The Fun ControlNets this clone carries (nodes/controlnet.py): planned under its budget, streamed with it."""
+        controls = self.model_options.get("transformer_options", {}).get(CONTROL, ())
+        return list({id(c.model): c.model for c in controls}.values())
+
     # -- what ComfyUI asks ------------------------------------------------------------------------
     def model_size(self) -> int:  # stored bytes (fp8, packed) plus run-time LoRA patches, as they stand now
-        return module_bytes(self.net)
+        return module_bytes(self.net) + sum(module_bytes(m) for m in self.sides())
 
     def model_dtype(self):
         return self.net.compute_dtype
@@ -99,10 +108,37 @@ class ZImagePatcher(ModelPatcher):
     def current_loaded_device(self):
         return self.load_device if self.loaded_size() > 0 else self.offload_device
 
-    def plan_for(self, weight_budget: float):
+    def plan_for(self, weight_budget: float) -> list[OffloadPlan]:
         offered = None if weight_budget >= 1e30 else weight_budget + self.activations
         return plan_for_settings(self.net, self.mode, self.budget_gb, offered, self.activations, self.prefetch,
-                                 self.load_device)
+                                 self.load_device, self.sides())
+
+    def use_plans(self, plans: list[OffloadPlan]) -> None:
+        """Attach or replan the streamers of the transformer and of each control model; control models this clone
+        does not carry leave the device."""
+        plan, *side = plans
+        if self.streamer is None or not self.streamer.attached:
+            self.streamer = BlockStreamer(self.net, plan).attach()
+        else:
+            self.streamer.replan(plan)
+        old = {id(st.model): st for st in self.streamer.sides}
+        new = []
+        for m, p in zip(self.sides(), side):
+            st = old.pop(id(m), None)
+            if st is None:
+                if isinstance(m.executor, BlockStreamer):  # streamed for another model until now
+                    m.executor.detach()
+                st = BlockStreamer(m, p).attach()
+            else:
+                st.replan(p)
+            new.append(st)
+        for st in old.values():
+            st.detach()
+        self.streamer.sides = new
+        self.last_plan = plan
+        self.model.model_loaded_weight_memory = self.loaded_size()
+        for m, p in zip((self.net, *self.sides()), plans):
+            (log.warning if p.shortfall else log.info)("Z-Image %s: %s", type(m).__name__, p.describe())
 
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
         with self.use_ejected(skip_and_inject_on_exit_only=True):
@@ -111,25 +147,16 @@ class ZImagePatcher(ModelPatcher):
             if mm.is_device_cpu(self.load_device) and not self.stream_on_cpu:
                 return 0  # weights already live in host memory; nothing to stream
             before = self.loaded_size()
-            plan = self.plan_for(before + extra_memory if extra_memory < 1e30 else 1e32)
-            if self.streamer is None or not self.streamer.attached:
-                self.streamer = BlockStreamer(self.net, plan).attach()
-            else:
-                self.streamer.replan(plan)
-            self.last_plan = plan
-            self.model.model_loaded_weight_memory = self.loaded_size()
-            (log.warning if plan.shortfall else log.info)("Z-Image %s: %s", type(self.net).__name__, plan.describe())
+            self.use_plans(self.plan_for(before + extra_memory if extra_memory < 1e30 else 1e32))
             return self.loaded_size() - before
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
         if self.streamer is None or not self.streamer.attached:
             return 0
         before = self.loaded_size()
-        plan = plan_offload(self.net, mode="budget", budget=max(0, int(before - memory_to_free)) + self.activations,
-                            activations=self.activations, prefetch=self.prefetch, device=self.load_device)
-        self.streamer.replan(plan)
-        self.last_plan = plan
-        self.model.model_loaded_weight_memory = self.loaded_size()
+        self.use_plans(plan_with_sides(self.net, self.sides(), mode="budget", activations=self.activations,
+                                       budget=max(0, int(before - memory_to_free)) + self.activations,
+                                       prefetch=self.prefetch, device=self.load_device))
         return before - self.loaded_size()
 
     def detach(self, unpatch_all=True):
@@ -196,8 +223,8 @@ class ZImagePatcher(ModelPatcher):
 
     # -- what our nodes ask -----------------------------------------------------------------------
     def load_for(self, activations: int, extra=()) -> None:
-        """Ask ComfyUI for room and load (or stream) the model, with ``extra`` models (loaded whole), for a run
-        needing ``activations`` bytes."""
+        """Ask ComfyUI for room and load (or stream) the model and its control models under one plan, with ``extra``
+        models (loaded whole), for a run needing ``activations`` bytes."""
         self.activations = activations
         mm.load_models_gpu([self, *extra], memory_required=activations)
 

@@ -88,7 +88,7 @@ def _plan(body: dict) -> dict:
     mode = body.get("offload", "auto")
     # before loading, ComfyUI could free all of the card but its reserve; on a CPU there is no limit
     offered = None if mm.is_device_cpu(dev) else mm.get_total_memory(dev) - mm.extra_reserved_memory()
-    p = plan_for_settings(model, mode, float(body.get("vram_budget_gb") or 0), offered, acts, 2, "cpu")
+    p = plan_for_settings(model, mode, float(body.get("vram_budget_gb") or 0), offered, acts, 2, "cpu")[0]
     if offered is None and not p.streamed and mode == "auto":
         p.notes.append("CPU: weights stay in system memory")
     s = p.summary()

@@ -77,9 +77,9 @@ class ZImageSampler(io.ComfyNode):
         sm = SamplerModel(model, shift)
         job = prepare_sampling(sm, positive, negative, latent_image, settings)
         b, _, h, w = job.noise.shape
-        extra = model.get_nested_additional_models()  # e.g. ControlNets: resident while sampling (they are small)
+        extra = model.get_nested_additional_models()  # other nodes' models (our ControlNets load with the transformer)
         if sm.ours:
-            model.load_for(activation_bytes(sm.dit, w * 8, h * 8, b, cfg > 1.0), extra)
+            model.load_for(activation_bytes(sm.dit, w * 8, h * 8, b, cfg > 1.0, controls=len(model.sides())), extra)
         else:
             mm.load_models_gpu([model, *extra], memory_required=model.memory_required([b * (2 if cfg > 1.0 else 1), 16, h, w]))
         previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.Flux())
@@ -102,5 +102,5 @@ class ZImageSampler(io.ComfyNode):
             raise
         finally:
             if getattr(model, "streamer", None) is not None:
-                model.streamer.drop_inflight()
+                model.streamer.drop_inflight()  # the control models' copies too
         return io.NodeOutput(out)

@@ -161,3 +161,69 @@ def test_core_lora_on_packed_and_fp8_weights_equals_dense(tmp_path):
         assert o["still_stored"] and o["runtime"] and o["restored"], (name, o)
         stored, counted, dense_size = o["size"]
         assert stored == counted < dense_size, (name, o)
+
+
+CONTROL_SCRIPT = r"""
+dit_path, cn_path, vae_path = ARGS
+import comfy.model_management as mm, comfy.sd, comfy.utils
+from zimage_pack.nodes import memory
+from zimage_pack.nodes.controlnet import ZImageApplyControlNet, load_control_patcher
+from zimage_pack.nodes.model import SamplerModel, ZImageBase, ZImageDiffusionModel
+import zimage_core as zc
+from zimage_core.blocks import PLAIN
+from zimage_core.offload import GB, module_bytes
+
+out = {}
+load = lambda: ZImageBase(zc.load_transformer(dit_path, dtype=torch.float32, cls=ZImageDiffusionModel))
+p = memory.cached_load("transformer", dit_path, load, {"dtype": "fp32"}, {"mode": "auto", "budget_gb": 0.0, "prefetch": 2})
+dit = p.model.diffusion_model
+cnp = load_control_patcher(cn_path, "fp32")
+cn = cnp.model
+vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+g = torch.Generator().manual_seed(0)
+m = ZImageApplyControlNet.execute(p, cnp, vae, 0.7, 0.0, 1.0, image=torch.rand(1, 64, 64, 3, generator=g)).result[0]
+x, t, caps = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.4]), [torch.randn(7, 32, generator=g)]
+with torch.inference_mode():
+    ref = SamplerModel(m)(x, t, caps)  # resident (the control latent is encoded here, once)
+    plain = SamplerModel(p)(x, t, caps)
+out["control_changes_output"] = not torch.equal(ref, plain)
+out["not_loaded_by_comfyui_whole"] = cnp not in m.get_nested_additional_models()
+out["size_counts_control"] = m.model_size() == module_bytes(dit) + module_bytes(cn)
+bound = lambda q: q.fixed_bytes + q.resident_bytes + q.buffer_bytes
+budget = (module_bytes(dit) + module_bytes(cn)) // 2
+m.stream_on_cpu, m.mode, m.budget_gb = True, "budget", budget / GB
+m.load_for(0)  # ComfyUI's load_models_gpu → our partially_load: one plan for both
+st = m.streamer
+side = st.sides[0] if st.sides else None
+out["control_streamed"] = side is not None and cn.executor is side and bool(side.plan.streamed)
+out["within_budget"] = bound(st.plan) + bound(side.plan) <= budget
+out["loaded_size_counts_control"] = m.loaded_size() == st.ledger.now + side.ledger.now and side.ledger.now > 0
+with torch.inference_mode():
+    out["streamed_equal"] = bool(torch.equal(SamplerModel(m)(x, t, caps), ref))
+out["control_blocks_copied"] = side.copied_bytes >= side.plan.streamed_bytes > 0
+st.drop_inflight()  # what the sampler node does after a run or an interrupt
+out["drop_releases_control_copies"] = not side.inflight and side.ledger.now == side.plan.fixed_bytes + side.plan.resident_bytes
+m.partially_unload(m.offload_device, m.loaded_size() // 4)  # another model needs room: one plan again
+with torch.inference_mode():
+    out["after_unload_equal"] = bool(torch.equal(SamplerModel(m)(x, t, caps), ref))
+out["unload_within"] = m.loaded_size() <= 3 * budget // 4 + 1
+mm.unload_all_models()
+out["detached"] = cn.executor is PLAIN and dit.executor is PLAIN and side.ledger.now == 0 and m.loaded_size() == 0
+p.stream_on_cpu = True
+p.load_for(0)  # the plain model (no controls) never places the control model
+out["plain_leaves_control"] = cn.executor is PLAIN and p.streamer.sides == []
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_control_models_stream_under_the_models_budget(tmp_path):
+    """Z-Image Apply ControlNet under our patcher with a budget too small for both: ComfyUI's load call gives one
+    plan in which the control blocks stream, within the budget, with the resident result bit for bit (CPU clones of
+    the same tensors); ComfyUI's partial unload replans both; unloading leaves nothing placed."""
+    from comfy_harness import comfy_vae
+    from tiny import diffusers_controlnet, save_controlnet
+
+    dit = save_comfyui(diffusers_transformer(seed=1, n_layers=30, n_refiner_layers=2), str(tmp_path / "z.safetensors"))
+    cn = save_controlnet(diffusers_controlnet("2.1"), tmp_path / "cn.safetensors", "2.1")
+    out = run_in_comfy(COMFY, CONTROL_SCRIPT, dit, cn, comfy_vae(str(tmp_path / "ae.safetensors")))
+    assert all(out.values()), out

@@ -360,6 +360,8 @@ class BlockStreamer(Executor):
 
     def detach(self) -> None:
         """Every tensor back to host memory (the side models' too); the model's executor is the plain one again."""
+        if not self.attached:
+            return
         for side in self.sides:
             side.detach()
         self.sides = []
