@@ -574,3 +574,63 @@ def test_interrupt_releases_the_control_models_copies(dit, tmp_path):
             assert torch.equal(controlled(ours, x, t, caps, controls)[0], ref[0])
     finally:
         st.detach()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copies on a side stream, the host running ahead")
+def test_gpu_streamed_control_model_stays_within_the_plan():
+    """On a GPU: a 2.1-layout control model (17 blocks, every one run) streamed beside a partly streamed transformer
+    (30 main layers, width 1024, bf16) under one budget. Allocated memory stays within both plans' weights plus what
+    a resident forward measurably needs, the output equals the resident one, and detaching frees every copy."""
+    from zimage_core.controlnet import ControlNetConfig, ZImageControlNet
+    from zimage_core.offload import GB, activation_bytes, offload
+    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+
+    cfg = ZImageConfig(dim=1024, head_dim=128, ffn_hidden=2816, cap_feat_dim=256, axes_dims=ZImageConfig.axes_for_head_dim(128))
+    model = ZImageTransformer(cfg, dtype=torch.bfloat16)
+    cn = ZImageControlNet(ControlNetConfig(block=cfg, in_channels=33, n_layers=15, refiner="control")).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*model.parameters(), *cn.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    x, caps = torch.randn(1, 16, 64, 64, generator=g).cuda(), [torch.randn(32, 256, generator=g).cuda()]
+    t = torch.tensor([0.5], device="cuda")
+    controls = [Control(cn, torch.randn(1, 33, 64, 64, generator=g).cuda(), 0.8)]
+
+    def peak_of(run) -> tuple[int, torch.Tensor]:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            outs = [run() for _ in range(3)]
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, outs[-1]
+
+    def forward():
+        return model(x, t, caps, run=BlockRun(after=control_hooks(controls, model, t, (64, 64))))
+
+    model.cuda()
+    cn.cuda()
+    acts, ref = peak_of(forward)
+    model.cpu()
+    cn.cpu()
+    torch.cuda.empty_cache()
+
+    def fixed_and_block(m):
+        sizes = [module_bytes(b) for b in m.blocks()]
+        return module_bytes(m) - sum(sizes), max(sizes)
+
+    (fm, bm), (fc, bc) = fixed_and_block(model), fixed_and_block(cn)
+    budget = fm + fc + activation_bytes(model, 512, 512, controls=1) + 3 * bc + 23 * bm + 2**20
+    base = torch.cuda.memory_allocated()
+    st = offload(model, mode="budget", budget_gb=budget / GB, device="cuda", width=512, height=512, sides=[cn])
+    side = st.sides[0]
+    assert side.plan.streamed and not side.plan.resident and 10 <= len(st.plan.streamed) <= 16, st.plan.describe()
+    placed = torch.cuda.memory_allocated() - base
+    peak, got = peak_of(forward)
+    st.detach()
+    torch.cuda.synchronize()
+    weights = sum(p.fixed_bytes + p.resident_bytes + p.buffer_bytes for p in (st.plan, side.plan))
+    assert placed + peak <= weights + acts + 2**24, f"peak {(placed + peak) / 2**20:.0f} MiB, plan weights " \
+        f"{weights / 2**20:.0f} MiB + activations {acts / 2**20:.0f} MiB"
+    assert rel_err(got, ref) <= 1e-6
+    assert torch.cuda.memory_allocated() <= base + 2**20 and cn.executor is PLAIN  # no device copy left behind
