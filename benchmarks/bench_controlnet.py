@@ -111,6 +111,7 @@ def streamed(a, model, cn, control, timed, resident: float) -> None:
         print(f"  2.1 {name} ({budget / GB:.2f} GB): control {len(side.streamed)} blocks streamed, transformer "
               f"{len(st.plan.streamed)}; {s * 1000:.0f} ms = {s / resident:.2f}× resident with control")
         st.detach()
+    model.to(a.device)  # resident again for the next layouts
 
 
 if __name__ == "__main__":
