@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import apply_rope, attention
+from .attention import attention
 from .blocks import PLAIN, BlockCall, BlockRun, Executor
 from .layers import Linear, RMSNorm, SwiGLU
 from .omni import omni_tokens
 from .packing import Packed, Tokens, grid_ids, join, pack, pad_to_multiple
 from .precision import post_norm, sublayer_scale
+from .qk_norm_rope import qk_norm_rope
 
 if TYPE_CHECKING:
     from .lora import LoraPatcher
@@ -121,12 +122,12 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, scale: float = 1.0):
         """``scale`` multiplies the output projection's input (fp16 headroom, see precision.py)."""
         b, s, _ = x.shape
-        # norm and rotate per token in the B×S×H×D layout the fused projection gives (no strided copies),
-        # then hand SDPA its B×H×S×D views
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
-        q = apply_rope(self.q_norm(q), rope).transpose(1, 2)
-        k = apply_rope(self.k_norm(k), rope).transpose(1, 2)
-        o = attention(q, k, v.transpose(1, 2), mask, self.backend).transpose(1, 2).reshape(b, s, -1)
+        # norm and rotate per token in the B×S×H×D layout the fused projection gives (no strided copies; one
+        # kernel on a GPU, see qk_norm_rope.py), then hand SDPA its B×H×S×D views
+        qkv = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim)
+        q, k = qk_norm_rope(qkv, self.q_norm, self.k_norm, rope)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2), mask, self.backend)
+        o = o.transpose(1, 2).reshape(b, s, -1)
         return self.out(o if scale == 1.0 else o * scale)
 
 
