@@ -10,6 +10,10 @@ fp32 there, in every dtype on the GPU.
 
 import copy
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,19 +162,26 @@ def test_real_arithmetic_rope_equals_complex(dtype):
     assert rel_err(real, cplx) <= (1e-6 if dtype != torch.bfloat16 else 4e-3)
 
 
+_BUILD = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from zimage_core import qk_norm_rope as qr
+sig = {"qkv": "*bf16", "out": "*bf16", "wq": "*bf16", "wk": "*fp32", "cs": "*fp32", "S": "i32", "H": "i32",
+       **dict.fromkeys(("sb", "ss", "st", "sh", "cb", "cn"), "i32"), "eps": "fp32", "D": "constexpr", "BH": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if k in ("qkv", "out", "wq", "wk", "cs") or k[0] in "sc"}
+src = ASTSource(qr._kernel(), sig, constexprs={"D": 128, "BH": 32}, attrs=aligned)
+print(json.dumps(triton.compile(src, target=GPUTarget("cuda", 89, 32), options={"num_warps": 4, "enable_fp_fusion": True}).asm["ptx"]))
+"""
+
+
 @pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs triton; with a GPU the CUDA tests run it")
 def test_kernel_builds_for_a_gpu_with_vector_accesses_and_nearest_rounding():
     """Without a GPU: the CUDA compile (Triton's bundled ptxas) of the bf16 kernel for sm_89, with the alignment a
-    launch specialises on; whole 16-byte loads and stores, and fp32 → bf16 rounding to nearest (cvt.rn)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {"qkv": "*bf16", "out": "*bf16", "wq": "*bf16", "wk": "*fp32", "cs": "*fp32", "S": "i32", "H": "i32",
-           **dict.fromkeys(("sb", "ss", "st", "sh", "cb", "cn"), "i32"), "eps": "fp32", "D": "constexpr", "BH": "constexpr"}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if k in ("qkv", "out", "wq", "wk", "cs", "sb", "ss", "st", "sh", "cb", "cn")}
-    qr._kernel.cache_clear()
-    src = ASTSource(qr._kernel(), sig, constexprs={"D": 128, "BH": 32}, attrs=aligned)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 89, 32), options={"num_warps": 4, "enable_fp_fusion": True}).asm["ptx"]
+    launch specialises on; whole 16-byte loads and stores, and fp32 → bf16 rounding to nearest (cvt.rn). In a fresh
+    process: after the interpreter has run, triton 3.7 no longer compiles in the same one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _BUILD], capture_output=True, text=True, env=env, check=True)
+    ptx = json.loads(out.stdout.strip().splitlines()[-1])
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx and ".local" not in ptx
     assert "cvt.rn.bf16" in ptx
