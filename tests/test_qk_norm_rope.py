@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,21 +28,19 @@ from zimage_core.transformer import Block, ZImageConfig
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: "
-                                                        "pip install triton (Linux) to run the kernel in its interpreter")),
-           pytest.param("cuda", marks=CUDA)]
+INTERPRETER = pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason=(
+    "with a GPU the kernel is tested compiled (and triton 3.7 compiles nothing in a process its interpreter ran in)"
+    if HAS_TRITON else "triton is not installed: pip install triton (Linux) to run the kernel in its interpreter"))
+DEVICES = [pytest.param("cpu", marks=INTERPRETER), pytest.param("cuda", marks=CUDA)]
 AXES = (32, 48, 48)
 
 
 @pytest.fixture
 def kernel_on(device, monkeypatch):
-    """The kernel jitted for ``device``: interpreted on the CPU (a fresh jit either way, and none left behind)."""
+    """The kernel on, interpreted on the CPU."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(qr, "ENABLED", True)
-    qr._kernel.cache_clear()
-    yield
-    qr._kernel.cache_clear()
 
 
 def packed_rope(device, fp64=False):
@@ -175,13 +174,27 @@ print(json.dumps(triton.compile(src, target=GPUTarget("cuda", 89, 32), options={
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="needs triton; with a GPU the CUDA tests run it")
+@INTERPRETER
 def test_kernel_builds_for_a_gpu_with_vector_accesses_and_nearest_rounding():
     """Without a GPU: the CUDA compile (Triton's bundled ptxas) of the bf16 kernel for sm_89, with the alignment a
     launch specialises on; whole 16-byte loads and stores, and fp32 → bf16 rounding to nearest (cvt.rn). In a fresh
-    process: after the interpreter has run, triton 3.7 no longer compiles in the same one."""
+    process, as above."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _BUILD], capture_output=True, text=True, env=env, check=True)
     ptx = json.loads(out.stdout.strip().splitlines()[-1])
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx and ".local" not in ptx
     assert "cvt.rn.bf16" in ptx
+
+
+@pytest.mark.slow
+def test_compiled_real_arithmetic_rope_equals_complex_in_one_kernel():
+    """What compiled CUDA code runs, here through CPU inductor: one generated kernel (the complex form gets none)."""
+    from torch._inductor.utils import run_and_get_code
+
+    rope, _ = packed_rope("cpu")
+    x = torch.randn(2, rope.shape[1], 3, 128, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(lambda a, f: apply_rope(a, f, real=True), fullgraph=True), x, rope)
+    assert rel_err(out, apply_rope(x, rope, real=False)) <= 1e-6
+    src = "\n".join(code)
+    assert len(re.findall(r"cpp_fused\w+ = ", src)) == 1 and "aten.mul" not in src
