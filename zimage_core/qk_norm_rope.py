@@ -62,7 +62,7 @@ def fused_ok(qkv: torch.Tensor, q_norm, k_norm, rope: torch.Tensor) -> bool:
     d = qkv.shape[-1]
     return (
         (qkv.is_cuda or _interpreting()) and d & (d - 1) == 0 and qkv.stride(-1) == 1
-        and rope.dtype == torch.complex64 and q_norm.eps == k_norm.eps
+        and rope.dtype == torch.complex64 and rope.stride(-1) == 1 and q_norm.eps == k_norm.eps
         and all(w.device == qkv.device and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 for w in (q_norm.weight, k_norm.weight))
         and _kernel(_interpreting()) is not None
@@ -74,8 +74,8 @@ def fused_qk_norm_rope(qkv, wq, wk, eps: float, rope) -> tuple[torch.Tensor, tor
     b, s, _, h, d = qkv.shape
     out = torch.empty(2, b, s, h, d, device=qkv.device, dtype=qkv.dtype)
     cs = torch.view_as_real(rope.expand(b, s, 1, d // 2))  # cos, sin pairs in fp32: a view of the table, no copy
-    _kernel(_interpreting())[(b * s, 2)](qkv, out, wq, wk, cs, s, h, qkv.stride(0), qkv.stride(1), qkv.stride(2), qkv.stride(3),
-                          cs.stride(0), cs.stride(1), eps, D=d, BH=1 << (h - 1).bit_length(), num_warps=4, enable_fp_fusion=True)
+    _kernel(_interpreting())[(b * s, 2)](qkv, out, wq, wk, cs, s, h, *qkv.stride()[:4], cs.stride(0), cs.stride(1), eps,
+                                         D=d, BH=1 << (h - 1).bit_length(), num_warps=4, enable_fp_fusion=True)
     return out[0], out[1]
 
 
