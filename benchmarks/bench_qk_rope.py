@@ -53,10 +53,18 @@ def bench_kernel(device, side, n_cap, heads, repeats, sync):
         print("fused kernel unavailable here (needs triton, and CUDA or TRITON_INTERPRET=1)")
     with torch.inference_mode():
         med = timed(fns, repeats, sync)
+        r64 = rope.to(torch.complex128)
+        truth = [apply_rope(torch.nn.functional.rms_norm(qkv[:, :, i].double(), (d,), n.weight.double(), 1e-5), r64)
+                 for i, n in enumerate((qn, kn))]
+        for k, f in fns.items():  # accuracy on this device: relative error, and the worst element in bf16 units
+            err = [(y.double() - t) for y, t in zip(f(), truth)]
+            ulps = max(float((e.abs() / (t.abs().clamp_min(1e-30).log2().floor().exp2() * 2**-7)).max()) for e, t in zip(err, truth))
+            print(f"{k} vs float64: relative {max(float(e.norm() / t.norm()) for e, t in zip(err, truth)):.3e}, worst {ulps:.3f} bf16 ulp")
     moved = 4 * qkv[:, :, 0].numel() * 2  # q and k read once and written once, bf16
     line = f"q/k norm+rope S={s} H={heads} D={d} bf16:" + "".join(
         f"  {k} {v * 1e6:.1f} µs ({moved / v / 1e9:.0f} GB/s)" for k, v in med.items())
     print(line + (f"  fused/plain {med['fused'] / med['plain']:.3f}" if "fused" in med else ""))
+    return "fused" in med
 
 
 def full_width(layers: int, small: bool) -> zc.ZImageConfig:
@@ -65,7 +73,7 @@ def full_width(layers: int, small: bool) -> zc.ZImageConfig:
     return zc.ZImageConfig(n_layers=layers)  # dim 3840, 30 heads of 128, FFN 10240, 2+2 refiners
 
 
-def bench_forward(device, cfg, side, n_cap, repeats, sync, compile_):
+def bench_forward(device, cfg, side, n_cap, repeats, sync, compile_, fused: bool):
     with torch.device("meta"):
         model = zc.ZImageTransformer(cfg, dtype=torch.bfloat16)
     model = model.to_empty(device=device)
@@ -84,7 +92,7 @@ def bench_forward(device, cfg, side, n_cap, repeats, sync, compile_):
         return f
 
     with torch.inference_mode():
-        med = timed({"fused": with_kernel(True), "plain": with_kernel(False)}, repeats, sync)
+        med = timed({"fused": with_kernel(True), "plain": with_kernel(False)} if fused else {"plain": with_kernel(False)}, repeats, sync)
         a, b = with_kernel(True)().double(), with_kernel(False)().double()
         diff = float((a - b).norm() / b.norm())
         if compile_:
@@ -93,7 +101,7 @@ def bench_forward(device, cfg, side, n_cap, repeats, sync, compile_):
             med["compiled"] = timed({"c": lambda: model(x, t, caps)}, repeats, sync)["c"]
     print(f"forward {cfg.n_layers}+{cfg.n_noise_refiner}+{cfg.n_context_refiner} blocks dim {cfg.dim} S={side * side}+"
           f"{pad_to_multiple(n_cap)} bf16:" + "".join(f"  {k} {v * 1e3:.2f} ms" for k, v in med.items())
-          + f"  fused/plain {med['fused'] / med['plain']:.3f}  outputs differ by {diff:.2e} (relative)")
+          + (f"  fused/plain {med['fused'] / med['plain']:.3f}  outputs differ by {diff:.2e} (relative)" if fused else ""))
 
 
 def main():
@@ -108,8 +116,8 @@ def main():
     print(f"device={args.device} torch={torch.__version__} "
           + (torch.cuda.get_device_name() if args.device == "cuda" else "(small config)"))
     side, n_cap, repeats = (4, 20, 1) if small else (64, 100, args.repeats)
-    bench_kernel(args.device, side, n_cap, 2 if small else 30, repeats, sync)
-    bench_forward(args.device, full_width(1 if small else args.layers, small), side, n_cap, repeats, sync, args.compile)
+    fused = bench_kernel(args.device, side, n_cap, 2 if small else 30, repeats, sync)
+    bench_forward(args.device, full_width(1 if small else args.layers, small), side, n_cap, repeats, sync, args.compile, fused)
 
 
 if __name__ == "__main__":

@@ -31,16 +31,25 @@ CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason
 INTERPRETER = pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason=(
     "with a GPU the kernel is tested compiled (and triton 3.7 compiles nothing in a process its interpreter ran in)"
     if HAS_TRITON else "triton is not installed: pip install triton (Linux) to run the kernel in its interpreter"))
-DEVICES = [pytest.param("cpu", marks=INTERPRETER), pytest.param("cuda", marks=CUDA)]
+# Triton's own jitted functions (tl.sum, tl.split…) are interpreted only if TRITON_INTERPRET=1 was set before triton
+# was imported, which other tests may have done: the CPU cases run in a fresh process (test_kernel_interpreted_in_a_fresh_process)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cpu", marks=[INTERPRETER, pytest.mark.skipif(not INTERPRETED, reason="run by test_kernel_interpreted_in_a_fresh_process")]),
+           pytest.param("cuda", marks=CUDA)]
 AXES = (32, 48, 48)
 
 
 @pytest.fixture
-def kernel_on(device, monkeypatch):
-    """The kernel on, interpreted on the CPU."""
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def kernel_on(monkeypatch):
     monkeypatch.setattr(qr, "ENABLED", True)
+
+
+@INTERPRETER
+@pytest.mark.skipif(INTERPRETED, reason="this is the process it starts")
+def test_kernel_interpreted_in_a_fresh_process():
+    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "cpu", "-p", "no:cacheprovider"],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0 and "4 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-4000:]  # 3 dtypes, a block
 
 
 def packed_rope(device, fp64=False):
