@@ -75,13 +75,12 @@ def full_width(layers: int, small: bool) -> zc.ZImageConfig:
 
 def bench_forward(device, cfg, side, n_cap, repeats, sync, compile_, fused: bool):
     with torch.device("meta"):
-        model = zc.ZImageTransformer(cfg, dtype=torch.bfloat16)
-    model = model.to_empty(device=device)
+        model = zc.ZImageTransformer(cfg, dtype=torch.bfloat16).to(torch.bfloat16)
+    model = model.to_empty(device=device).eval()  # 12 GB at full size, allocated once in bf16
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02).add_(1.0 if p.ndim == 1 else 0.0)
-    model = model.to(torch.bfloat16).eval()
     x = torch.randn(1, 16, 2 * side, 2 * side, device=device, dtype=torch.bfloat16)
     t, caps = torch.tensor([0.5], device=device), [torch.randn(n_cap, cfg.cap_feat_dim, device=device, dtype=torch.bfloat16)]
 
