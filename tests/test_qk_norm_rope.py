@@ -126,8 +126,9 @@ def test_block_in_bf16_same_with_and_without_the_kernel(device):
         plain = blk(x.bfloat16(), rope, mask, temb.bfloat16())
     valid = mask[..., None]  # padding rows between samples are not compared
     rel = lambda a, b: rel_err(a.double() * valid, b.double() * valid)  # noqa: E731
-    # the two differ by less than bf16's own error (≈8e-3 here; CPU, interpreter: 6.1e-3 apart, 8.3e-3 vs 8.0e-3)
-    assert rel(fused, plain) < rel(plain, truth), (rel(fused, plain), rel(plain, truth))
+    # two bf16 results whose errors are partly shared lie at most ≈√2 × that error apart (a wrong kernel: ≈1);
+    # CPU, interpreter: 6.1e-3 apart, 8.3e-3 and 8.0e-3 from float64
+    assert rel(fused, plain) < 1.5 * rel(plain, truth), (rel(fused, plain), rel(plain, truth))
     assert rel(fused, truth) <= 1.05 * rel(plain, truth), (rel(fused, truth), rel(plain, truth))
 
 
