@@ -4,7 +4,8 @@ Eager on a GPU the plain path is several memory passes over q and k (the norm, a
 product, the cast back); one Triton kernel reads both straight from the B×S×3×H×D projection output, normalises
 each head row in fp32, rotates it and rounds once, in a single launch. It runs where Triton compiles it (CUDA,
 fp16/bf16, head dim a power of two) or under ``TRITON_INTERPRET=1`` (CPU tests); under ``torch.compile`` the
-plain path is traced so that inductor fuses it itself. Everything else (fp32, fp64, no Triton) is the plain path.
+plain path is traced (on CUDA with ``apply_rope``'s real arithmetic) so that inductor fuses it into one kernel itself.
+Everything else (fp32, fp64, no Triton) is the plain path.
 The norm weight is taken as stored (fp32 in the kernel, not rounded to the activation dtype first as
 ``layers.rms_norm`` does): identical for bf16 checkpoints, closer to float64 for fp32 ones.
 ``ZIMAGE_FUSED_ROPE=0`` (read at import) or ``qk_norm_rope.ENABLED = False`` turns the kernel off, for A/B runs.
