@@ -579,8 +579,8 @@ def test_interrupt_releases_the_control_models_copies(dit, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: copies on a side stream, the host running ahead")
 def test_gpu_streamed_control_model_stays_within_the_plan():
     """On a GPU: a 2.1-layout control model (17 blocks, every one run) streamed beside a partly streamed transformer
-    (30 main layers, width 1024, bf16) under one budget. Allocated memory stays within both plans' weights plus what
-    a resident forward measurably needs, the output equals the resident one, and detaching frees every copy."""
+    (30 main layers, width 1024, bf16) under one budget. Allocated memory stays within both plans' peaks and the copies
+    within their weights, the output equals the resident one, and detaching frees every copy."""
     from zimage_core.controlnet import ControlNetConfig, ZImageControlNet
     from zimage_core.offload import GB, activation_bytes, offload
     from zimage_core.transformer import ZImageConfig, ZImageTransformer
@@ -630,7 +630,11 @@ def test_gpu_streamed_control_model_stays_within_the_plan():
     st.detach()
     torch.cuda.synchronize()
     weights = sum(p.fixed_bytes + p.resident_bytes + p.buffer_bytes for p in (st.plan, side.plan))
-    assert placed + peak <= weights + acts + 2**24, f"peak {(placed + peak) / 2**20:.0f} MiB, plan weights " \
-        f"{weights / 2**20:.0f} MiB + activations {acts / 2**20:.0f} MiB"
+    # the promise: both plans' peaks (weights plus the activation estimate, counted once); on an H100 the streamed
+    # forward measured 35 MiB over weights + the resident forward's activations (the same with the fused q/k kernel off)
+    planned = st.plan.peak_bytes + side.plan.peak_bytes
+    assert st.ledger.peak + side.ledger.peak <= weights
+    assert placed + peak <= planned, f"peak {(placed + peak) / 2**20:.0f} MiB, plans {planned / 2**20:.0f} MiB (weights " \
+        f"{weights / 2**20:.0f} MiB; a resident forward's activations {acts / 2**20:.0f} MiB)"
     assert rel_err(got, ref) <= 1e-6
     assert torch.cuda.memory_allocated() <= base + 2**20 and cn.executor is PLAIN  # no device copy left behind
