@@ -197,15 +197,12 @@ def test_gpu_memory_stays_within_the_plan_when_the_host_runs_ahead():
     blocks between the streamed ones the host runs far ahead. Allocated memory, not the ledger, must stay within
     the plan's peak, and the copies the streamer holds within the plan's weights: 8 main layers of width 2048 and
     1+1 refiners, 4 of the 10 blocks streamed, three forwards in a row."""
-    from zimage_core.offload import activation_bytes
-    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+    from tiny import gpu_test_transformer
 
-    cfg = ZImageConfig(dim=2048, head_dim=128, n_layers=8, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=5504,
-                       cap_feat_dim=256, axes_dims=ZImageConfig.axes_for_head_dim(128))
-    model = ZImageTransformer(cfg, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    from zimage_core.offload import activation_bytes
+
+    model = gpu_test_transformer(dim=2048, n_layers=8, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=5504,
+                                 cap_feat_dim=256)
     g = torch.Generator().manual_seed(0)
     x, caps = torch.randn(1, 16, 64, 64, generator=g).cuda(), [torch.randn(32, 256, generator=g).cuda()]
     t = torch.tensor([0.5], device="cuda")

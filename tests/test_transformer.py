@@ -225,15 +225,10 @@ def test_gpu_forward_never_waits_for_the_gpu():
     """A resident forward at a shape seen before (RoPE tables cached) queues its kernels without one host sync
     (no .item(), no device-to-host copy, no shape read from a device tensor): CUDA's sync check raises on any. bf16,
     batch 1 and a CFG pair of unequal captions (its padding mask)."""
-    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+    from tiny import gpu_test_transformer
 
-    cfg = ZImageConfig(dim=256, head_dim=128, n_layers=2, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=512,
-                       cap_feat_dim=64, axes_dims=ZImageConfig.axes_for_head_dim(128))
-    model = ZImageTransformer(cfg, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.cuda()
+    model = gpu_test_transformer(dim=256, n_layers=2, n_noise_refiner=1, n_context_refiner=1, ffn_hidden=512,
+                                 cap_feat_dim=64).cuda()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, 32, 32, generator=g).cuda().bfloat16()
     caps = [torch.randn(20, 64, generator=g).cuda().bfloat16(), torch.randn(45, 64, generator=g).cuda().bfloat16()]

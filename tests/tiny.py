@@ -20,6 +20,18 @@ TINY_DIT = dict(
 )
 
 
+def gpu_test_transformer(**cfg) -> torch.nn.Module:
+    """A bf16 transformer of head width 128 with weights N(0, 0.02), built on the host (the GPU tests' model)."""
+    from zimage_core.transformer import ZImageConfig, ZImageTransformer
+
+    model = ZImageTransformer(ZImageConfig(head_dim=128, axes_dims=ZImageConfig.axes_for_head_dim(128), **cfg),
+                              dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter a random value of a sensible scale (norm weights around 1)."""
     g = torch.Generator().manual_seed(seed)
