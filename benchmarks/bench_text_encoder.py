@@ -29,7 +29,7 @@ from timing import timed_pair  # noqa: E402
 from tiny import randomize_  # noqa: E402
 
 import zimage_core as zc  # noqa: E402
-from zimage_core.tokenizer import BUNDLED, TEMPLATE  # noqa: E402
+from zimage_core.tokenizer import TEMPLATE  # noqa: E402
 
 PROMPTS = [
     "a cat",
@@ -111,7 +111,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tokenizer", default=BUNDLED)
+    ap.add_argument("--tokenizer", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "qwen_tokenizer"),
+                    help="an HF tokenizer folder (vocab.json + merges.txt) for transformers' side")
     ap.add_argument("--skip-load", action="store_true")
     a = ap.parse_args()
     print(f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()}")

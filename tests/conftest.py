@@ -10,10 +10,27 @@ def tokenizer_dir():
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer(tokenizer_dir):
+def hf_tokenizer_dir(tokenizer_dir, tmp_path_factory):
+    """The package's tokenizer as transformers reads it (vocab.json + merges.txt + tokenizer_config.json): the
+    vocabulary derived from the merges, which test_tokenizer checks against the published vocab.json."""
+    import json
+    import shutil
+
+    from zimage_core.tokenizer import byte_level_vocab, read_merges
+
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    merges = read_merges(tokenizer_dir)
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(merges), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    shutil.copy(f"{tokenizer_dir}/tokenizer_config.json", folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(hf_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(hf_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -64,13 +64,6 @@ def test_long_prompt_is_cut_at_512_with_a_warning(ours, hf_tokenizer, caplog):
     assert ids[0] == ref  # cut exactly as the reference pipeline cuts
 
 
-def _copy(src, dst):
-    os.makedirs(dst, exist_ok=True)
-    for n in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(os.path.join(src, n), dst)
-    return dst
-
-
 def test_search_order(tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("ZIMAGE_TOKENIZER", raising=False)
     # explicit path wins
@@ -78,7 +71,7 @@ def test_search_order(tokenizer_dir, tmp_path, monkeypatch):
     # HF model folder: <root>/tokenizer beside <root>/text_encoder
     hf = tmp_path / "Z-Image-Turbo"
     (hf / "text_encoder").mkdir(parents=True)
-    _copy(tokenizer_dir, str(hf / "tokenizer"))
+    shutil.copytree(tokenizer_dir, hf / "tokenizer")
     assert find_tokenizer_dir(None, str(hf / "text_encoder")) == str(hf / "tokenizer")
     assert find_tokenizer_dir(None, str(hf)) == str(hf / "tokenizer")
     # a lone split file (ComfyUI's text_encoders/qwen_3_4b.safetensors): the environment, then the package's copy
@@ -94,6 +87,19 @@ def test_search_order(tokenizer_dir, tmp_path, monkeypatch):
         find_tokenizer_dir(str(tmp_path))
 
 
+def test_bundled_merges_give_the_published_vocabulary():
+    """The package ships the merges alone; the vocabulary derived from them is Qwen's published vocab.json, token for
+    token (Qwen/Qwen3-4B tokenizer/, in ../shared/qwen_tokenizer)."""
+    from zimage_core.tokenizer import byte_level_vocab, read_merges
+
+    published = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "qwen_tokenizer")
+    if not os.path.isfile(os.path.join(published, "vocab.json")):
+        pytest.skip(f"the published Qwen tokenizer is not at {published}")
+    with open(os.path.join(published, "vocab.json"), encoding="utf-8") as f:
+        assert byte_level_vocab(read_merges(BUNDLED)) == json.load(f)
+    assert read_merges(BUNDLED) == read_merges(published)
+
+
 def test_bundled_files_are_package_data():
     """An installed (non-editable) package carries the vocabulary: pyproject lists it as package data."""
     import tomllib
@@ -103,15 +109,15 @@ def test_bundled_files_are_package_data():
         data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["zimage_core"]
     assert os.path.dirname(BUNDLED) == os.path.join(root, "zimage_core")
     names = {os.path.basename(p) for pat in data for p in glob.glob(os.path.join(root, "zimage_core", pat))}
-    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= names
+    assert {"merges.txt.xz", "tokenizer_config.json"} <= names
 
 
-def test_padded_tokenizer_json_encodes_like_diffusers(tokenizer_dir, tmp_path):
+def test_padded_tokenizer_json_encodes_like_diffusers(hf_tokenizer_dir, tmp_path):
     """save_pretrained after a padded call writes padding/truncation into tokenizer.json (fine-tuned diffusers
     folders have it); diffusers' encode_prompt pads to 512 and keeps the attended tokens, and so must we."""
     from transformers import AutoTokenizer
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
     hf_tokenizer._tokenizer.enable_padding(length=512, pad_id=151643, pad_token="<|endoftext|>")
     hf_tokenizer._tokenizer.enable_truncation(max_length=300)
     folder = tmp_path / "tokenizer"

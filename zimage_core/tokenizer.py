@@ -2,13 +2,16 @@
 The template a prompt is wrapped in lives in templates.py.
 
 The Qwen vocabulary ships inside the package (``qwen_tokenizer/``, Apache-2.0, from Qwen/Qwen3-4B), so the
-standalone command runs with ComfyUI's split files on a machine without ComfyUI or an HF folder.
+standalone command runs with ComfyUI's split files on a machine without ComfyUI or an HF folder. It ships as
+``merges.txt.xz`` alone: a byte-level BPE vocabulary is its 256 byte symbols then one token per merge, in order
+(``byte_level_vocab``), so vocab.json (2.7 MB) is derived, and the merges compress from 1.7 MB to 0.6 MB.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import lzma
 import os
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -23,13 +26,38 @@ MAX_TOKENS = 512
 PAD_ID = 151643  # <|endoftext|>
 _SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 _NEEDED = ("vocab.json", "merges.txt")
+_BUNDLED_MERGES = "merges.txt.xz"  # the package's form: the merges alone, compressed
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen_tokenizer")
 
 
 def _has_files(folder: str | None) -> bool:
-    return bool(folder) and (
-        os.path.isfile(os.path.join(folder, "tokenizer.json")) or all(os.path.isfile(os.path.join(folder, n)) for n in _NEEDED)
-    )
+    isfile = lambda n: os.path.isfile(os.path.join(folder, n))  # noqa: E731
+    return bool(folder) and (isfile("tokenizer.json") or all(map(isfile, _NEEDED)) or isfile(_BUNDLED_MERGES))
+
+
+def read_merges(folder: str) -> list[tuple[str, str]]:
+    """The merge rules of ``merges.txt`` (or the package's ``merges.txt.xz``), in order."""
+    plain = os.path.join(folder, "merges.txt")
+    f = open(plain, encoding="utf-8") if os.path.isfile(plain) else lzma.open(plain + ".xz", "rt", encoding="utf-8")
+    merges = []
+    with f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line and not line.startswith("#version"):
+                a, b = line.split(" ")
+                merges.append((a, b))
+    return merges
+
+
+def byte_level_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """GPT-2's (and Qwen's) byte-level BPE vocabulary: ids 0–255 are the byte symbols in ``bytes_to_unicode`` order
+    (printable bytes as themselves, the others from U+0100 on), then each merge's result, in merge order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    vocab = {chr(b): i for i, b in enumerate(printable)}
+    vocab.update({chr(256 + i): len(printable) + i for i in range(len(rest))})
+    vocab.update({a + b: 256 + i for i, (a, b) in enumerate(merges)})
+    return vocab
 
 
 def find_tokenizer_dir(explicit: str | None = None, model_path: str | None = None) -> str:
@@ -76,15 +104,13 @@ def _build(folder: str) -> Tokenizer:
         tok.no_padding()
         tok.no_truncation()
         return tok
-    with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    merges = []
-    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\r\n")
-            if line and not line.startswith("#version"):
-                a, b = line.split(" ")
-                merges.append((a, b))
+    merges = read_merges(folder)
+    vocab_path = os.path.join(folder, "vocab.json")
+    if os.path.isfile(vocab_path):
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+    else:  # the package's copy: the merges alone
+        vocab = byte_level_vocab(merges)
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
