@@ -25,7 +25,7 @@ def chat_for(handle: Handle) -> tuple[enhancer.Qwen3Chat, ZImagePatcher]:
         chat = enhancer.load_chat(handle.module, handle.path)
         p = handle.patcher
         q = ZImagePatcher(chat, p.load_device, p.offload_device)
-        q.mode, q.budget_gb, q.prefetch = p.mode, p.budget_gb, p.prefetch
+        q.set_offload(p.mode, p.budget_gb, p.prefetch)
         _CHATS[handle] = (chat, q)
     return _CHATS[handle]
 

@@ -22,6 +22,7 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.weight_adapter import LoRAAdapter
 
+from zimage_core.controlnet import control_models
 from zimage_core.layers import FP8_DTYPES, Linear
 from zimage_core.loader import COMPUTE_DTYPES, STORAGE_DTYPES
 from zimage_core.offload import GB, BlockStreamer, OffloadPlan, module_bytes, plan_with_sides
@@ -90,10 +91,15 @@ class ZImagePatcher(ModelPatcher):
             model.__dict__["zimage_offload"] = OffloadState()
         self.state: OffloadState = model.__dict__["zimage_offload"]
 
+    def set_offload(self, mode: str, budget_gb: float, prefetch: int) -> bool:
+        """Take a loader's offload settings; whether they changed (the next load then plans with them)."""
+        changed = (self.mode, self.budget_gb, self.prefetch) != (mode, budget_gb, prefetch)
+        self.mode, self.budget_gb, self.prefetch = mode, budget_gb, prefetch
+        return changed
+
     def sides(self) -> list:
         """The Fun ControlNets this clone carries (nodes/controlnet.py): planned under its budget, streamed with it."""
-        controls = self.model_options.get("transformer_options", {}).get(CONTROL, ())
-        return list({id(c.model): c.model for c in controls}.values())
+        return control_models(self.model_options.get("transformer_options", {}).get(CONTROL, ()))
 
     # -- what ComfyUI asks ------------------------------------------------------------------------
     def model_size(self) -> int:  # stored bytes (fp8, packed) plus run-time LoRA patches, as they stand now
@@ -281,10 +287,9 @@ def cached_load(kind: str, path: str, loader, options: dict, offload: dict) -> Z
     if patcher is None:
         mm.cleanup_models_gc()  # weights load lazily into host memory; VRAM is requested when ComfyUI loads the model
         patcher = ZImagePatcher(loader(), mm.get_torch_device(), mm.unet_offload_device())
-        patcher.mode, patcher.budget_gb, patcher.prefetch = offload["mode"], offload["budget_gb"], offload["prefetch"]
+        patcher.set_offload(**offload)
         _CACHE[key] = patcher
-    elif (patcher.mode, patcher.budget_gb, patcher.prefetch) != (offload["mode"], offload["budget_gb"], offload["prefetch"]):
-        patcher.mode, patcher.budget_gb, patcher.prefetch = offload["mode"], offload["budget_gb"], offload["prefetch"]
+    elif patcher.set_offload(**offload):
         patcher.unload()  # the next load plans with the new settings
     return patcher
 

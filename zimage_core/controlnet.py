@@ -273,6 +273,11 @@ class ControlRun:
         return u
 
 
+def control_models(controls) -> list[ZImageControlNet]:
+    """The distinct control models of ``controls`` (one model may serve several), in order: what offloading plans."""
+    return list({id(c.model): c.model for c in controls}.values())
+
+
 def control_hooks(controls, transformer, t, size: tuple[int, int], shift: float = 3.0) -> list[ControlRun]:
     """Block hooks for one forward at model time ``t`` on latents of ``size`` (h, w): the controls active at that
     time (strength 0 and controls outside their range add nothing and cost nothing)."""

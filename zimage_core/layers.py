@@ -115,6 +115,7 @@ def set_quant_matmul(model: nn.Module, enabled: bool, kinds: tuple[str, ...] = (
             count += lin.quant_matmul
     return count
 
+
 class Embedding(StoredWeight):
     """Token embedding whose table keeps its storage dtype (like ``Linear``); rows are cast on lookup."""
 

@@ -175,9 +175,8 @@ def plan_with_sides(model, sides, *, mode: str = "auto", budget: int | None = No
     if sum(p.peak_bytes for p in whole) + activations <= cap:
         return [at(m, cap, activations if m is model else 0) for m in (model, *sides)]
     side = []
-    for m in sides:  # streamed: fixed modules and prefetch + 1 blocks in flight (fewer blocks than that stay resident)
-        sizes = [module_bytes(b) for b in m.blocks()]
-        side.append(at(m, at(m, None, mode="resident").fixed_bytes + (prefetch + 1) * max(sizes, default=0)))
+    for m, p in zip(sides, whole[1:]):  # streamed: fixed modules and prefetch + 1 blocks in flight (fewer stay resident)
+        side.append(at(m, p.fixed_bytes + (prefetch + 1) * max((module_bytes(b) for b in m.blocks()), default=0)))
     main = at(model, cap - sum(p.peak_bytes for p in side), activations)
     left = cap - main.peak_bytes - sum(p.peak_bytes for p in side) if not main.streamed else 0
     for i, m in enumerate(sides):

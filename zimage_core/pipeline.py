@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .autoencoder import AutoEncoder, from_model_space, load_autoencoder, to_model_space
-from .controlnet import Control, ControlImage, prepare_control
+from .controlnet import Control, ControlImage, control_models, prepare_control
 from .errors import ZImageError
 from .images import pil_to_tensor, prepare_reference_image
 from .noise import comfy_noise
@@ -294,8 +294,7 @@ class ZImagePipeline:
                 pos = [CondEntry(list(x.unbind(0)), start=a, end=b) for _, x, a, b in parts]
         ctl = self.encode_controls(controls, s.width, s.height, vae_tile) if controls else []
         noise = comfy_noise((s.batch_size, 16, h, w), s.seed)
-        side = list({id(c.model): c.model for c in ctl}.values())
-        with self.on_device(self.transformer, side, width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
+        with self.on_device(self.transformer, control_models(ctl), width=s.width, height=s.height, batch=s.batch_size, cfg=use_cfg):
             x = sample(self.transformer, noise, pos, neg, sigmas=sig, cfg=s.cfg, cfg_normalization=s.cfg_normalization,
                        cfg_truncation=s.cfg_truncation, init_latents=init_latents, mask=latent_mask, shift=s.shift,
                        callback=callback, cancel=cancel, control=ctl).cpu()
