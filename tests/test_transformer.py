@@ -7,6 +7,7 @@ error). bf16: measured ≈4e-3 for both implementations; we allow 1.5e-2 and at 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import diffusers_transformer, rel_err, save_comfyui, save_diffusers_folder
 
 import zimage_core as zc
@@ -243,3 +244,49 @@ def test_gpu_forward_never_waits_for_the_gpu():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             assert torch.isfinite(out).all()
+
+
+def test_feed_forward_hidden_major_is_the_same_product(monkeypatch):
+    """On the CPU with an unaligned hidden width (here 170, as in every tiny parity test above; 2730 at dim 1024)
+    w1/w3 run as W·xᵀ (layers.SwiGLU.hidden_major). The result must be the token-major product within fp32
+    rounding, with LoRA run-time patches, packed or fp8-scaled storage, a bias, and bf16 multiplied in fp32."""
+    from zimage_core import cpu_half
+    from zimage_core.layers import Linear, SwiGLU
+    from zimage_core.packed import Dense, Packed
+
+    g = torch.Generator().manual_seed(5)
+    ff = SwiGLU(64, 170)
+    for lin in (ff.w1, ff.w2, ff.w3):
+        lin.weight.data = torch.randn(lin.out_features, lin.in_features, generator=g) / 8
+    ff.w1.patches = [(torch.randn(4, 64, generator=g), torch.randn(170, 4, generator=g), 0.5)]
+    ff.w3.patches = [(None, torch.randn(170, 64, generator=g) / 8, 0.25)]
+    ff.w2.weight = Packed(Dense(), (64, 170), {"w": ff.w2.weight.data.reshape(-1).clone()})
+    x = torch.randn(2, 48, 64, generator=g)
+
+    def token_major(x):
+        def lin(m, x):
+            y = x @ m.compute_weight(x.dtype).T
+            for down, up, f in m.patches:
+                y = y + ((x if down is None else x @ down.T) @ up.T) * f
+            return y
+        return lin(ff.w2, F.silu(lin(ff.w1, x)) * lin(ff.w3, x) * 0.5)
+
+    assert ff.hidden_major(x) and ff.hidden_major(x.bfloat16())
+    assert not ff.hidden_major(x[:, :41]) and not ff.hidden_major(x.to("meta"))  # 82 tokens: not a multiple of 16
+    assert not SwiGLU(64, 176).hidden_major(x)  # aligned hidden width: BLAS's order already suits
+    out = ff(x, scale=0.5)
+    assert out.shape == x.shape and rel_err(out, token_major(x)) < 1e-6
+
+    monkeypatch.setattr(cpu_half, "EMULATED", frozenset({torch.bfloat16}))
+    xb = x.bfloat16()
+    with monkeypatch.context() as m:
+        m.setattr(SwiGLU, "hidden_major", lambda *_: False)
+        expected = ff(xb, scale=0.5)
+    # the same fp32 products rounded at the same points (an element may round the other way: one bf16 step)
+    assert rel_err(ff(xb, scale=0.5).float(), expected.float()) < 1e-4
+
+    lin = Linear(64, 40)
+    lin.weight.data = torch.randn(40, 64, generator=g).to(torch.float8_e4m3fn)
+    lin.weight_scale, lin.bias.data = torch.tensor(0.3), torch.randn(40, generator=g)
+    xs = x.reshape(-1, 64)
+    assert rel_err(lin.forward_t(xs.t()).t(), lin(xs)) < 1e-6

@@ -162,9 +162,9 @@ class Block(nn.Module):
         s = sublayer_scale(x.dtype)  # fp16: sublayer outputs computed 2^-6 smaller, renormalised exactly
         if self.modulated:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(temb)
-            attn = self.attention(self.attention_norm1(x) * scale_msa, rope, mask, s)
+            attn = self.attention(self.attention_norm1(x).mul_(scale_msa), rope, mask, s)
             x = torch.addcmul(x, gate_msa, post_norm(self.attention_norm2, attn, s))
-            ffn = self.feed_forward(self.ffn_norm1(x) * scale_mlp, s)
+            ffn = self.feed_forward(self.ffn_norm1(x).mul_(scale_mlp), s)
             return torch.addcmul(x, gate_mlp, post_norm(self.ffn_norm2, ffn, s))
         x = x + post_norm(self.attention_norm2, self.attention(self.attention_norm1(x), rope, mask, s), s)
         return x + post_norm(self.ffn_norm2, self.feed_forward(self.ffn_norm1(x), s), s)
