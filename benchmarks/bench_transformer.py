@@ -1,7 +1,7 @@
 """Transformer forward time against diffusers and ComfyUI's native NextDiT on the same weights, and peak memory
 while loading.
 
-    python benchmarks/bench_transformer.py [--device cpu|cuda] [--repeats N] [--skip-load] [--compile]
+    python benchmarks/bench_transformer.py [--device cpu|cuda] [--repeats N] [--skip-load] [--compile] [--dtype float32]
 
 Forward: dim 1024, 8 heads of 128, 4 layers, 2+2 refiners, 64×64 latent (1024 image tokens), 100 caption
 tokens, fp32 and bf16, batch 1; interleaved medians and the ratios ours / diffusers and ours / native.
@@ -61,7 +61,7 @@ def native_nextdit(ours, dtype, device):
     return m.eval()
 
 
-def bench_forward(device: str, repeats: int, compile_: bool) -> list[dict]:
+def bench_forward(device: str, repeats: int, compile_: bool, dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
     rows = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
@@ -71,7 +71,7 @@ def bench_forward(device: str, repeats: int, compile_: bool) -> list[dict]:
         ref32 = None
     with tempfile.TemporaryDirectory() as d:
         path = save_comfyui(ref32, os.path.join(d, "m.safetensors")) if ref32 is not None else None
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             if path is not None:
                 ours = zc.load_transformer(path, dtype=dtype, storage_dtype=dtype, device=device)
             else:
@@ -161,10 +161,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time ours with compile_blocks() (inductor)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
+                    help="only this dtype (repeatable; default both)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
-    for r in bench_forward(args.device, args.repeats, args.compile):
+    for r in bench_forward(args.device, args.repeats, args.compile, [getattr(torch, d) for d in args.dtype or ("float32", "bfloat16")]):
         print("forward " + "  ".join(f"{k} {v * 1e3:.1f} ms" if k.endswith("_s") else f"{k} {v:.3f}" if isinstance(v, float)
                                      else f"{k} {v}" for k, v in r.items()))
     if not args.skip_load:
