@@ -274,6 +274,9 @@ def test_feed_forward_hidden_major_is_the_same_product(monkeypatch):
     assert ff.hidden_major(x) and ff.hidden_major(x.bfloat16())
     assert not ff.hidden_major(x[:, :41]) and not ff.hidden_major(x.to("meta"))  # 82 tokens: not a multiple of 16
     assert not SwiGLU(64, 176).hidden_major(x)  # aligned hidden width: BLAS's order already suits
+    ff.w3.quant_matmul = True  # quantized compute (set_quant_matmul) keeps its own path
+    assert not ff.hidden_major(x)
+    ff.w3.quant_matmul = False
     out = ff(x, scale=0.5)
     assert out.shape == x.shape and rel_err(out, token_major(x)) < 1e-6
 

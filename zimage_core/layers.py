@@ -206,7 +206,7 @@ class SwiGLU(nn.Module):
         1.15×), hence the rule. The dot products are the same (bit-equal there); w2 reads the transposed
         activations as they are, BLAS takes either order.
         """
-        w = self.w1
         tokens = x.numel() // x.shape[-1]
         return (x.device.type == "cpu" and (x.dtype == torch.float32 or cpu_half.upcast(x))
-                and tokens % 16 == 0 and w.out_features % 16 != 0 and not w.quant_matmul)
+                and tokens % 16 == 0 and self.w1.out_features % 16 != 0
+                and not (self.w1.quant_matmul or self.w3.quant_matmul))
