@@ -107,6 +107,23 @@ def test_vae_fp16_overflow_never_gives_a_black_image(tmp_path):
     assert torch.isfinite(lat16).all() and rel(lat16, lat32) < 1e-2
 
 
+def gemm_dtypes(fn) -> set:
+    """The operand dtypes of every matrix product ``fn`` runs (aten level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
 def test_half_precision_on_a_cpu_that_emulates_it_multiplies_in_fp32(monkeypatch):
     """On CPUs without bf16/fp16 GEMM units (cpu_half.EMULATED) Linear and attention take the same bf16 operands
     into fp32 kernels and round once: exactly F.linear in fp32 then rounded, within bf16 rounding of PyTorch's own bf16
@@ -126,6 +143,13 @@ def test_half_precision_on_a_cpu_that_emulates_it_multiplies_in_fp32(monkeypatch
     monkeypatch.setattr(cpu_half, "EMULATED", frozenset({torch.bfloat16, torch.float16}))
     assert cpu_half.upcast(x) and not cpu_half.upcast(x.float()) and not cpu_half.upcast(x.to("meta"))
     assert torch.equal(lin(x), F.linear(x.float(), lin.weight.float(), lin.bias.float()).bfloat16())
+    down, up = torch.randn(4, 96, generator=g).bfloat16(), torch.randn(40, 4, generator=g).bfloat16()
+    lin.patches = [(down, up, 0.5)]  # LoRA run-time patches (fp8/packed storage) multiply in fp32 too
+    h = F.linear(x.float(), down.float()).bfloat16()
+    patched = F.linear(x.float(), lin.weight.float(), lin.bias.float()).bfloat16() + F.linear(h.float(), up.float()).bfloat16() * 0.5
+    assert torch.equal(lin(x), patched)
+    assert gemm_dtypes(lambda: lin(x)) == {torch.float32}  # no emulated bf16 GEMM, the patches' included
+    lin.patches = []
     up_attn = attention(q, k, v, m)
     assert torch.equal(up_attn, attention(q.float(), k.float(), v.float(), m).bfloat16())
     model = overflowing_model()

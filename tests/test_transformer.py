@@ -292,4 +292,4 @@ def test_feed_forward_hidden_major_is_the_same_product(monkeypatch):
     lin.weight.data = torch.randn(40, 64, generator=g).to(torch.float8_e4m3fn)
     lin.weight_scale, lin.bias.data = torch.tensor(0.3), torch.randn(40, generator=g)
     xs = x.reshape(-1, 64)
-    assert rel_err(lin.forward_t(xs.t()).t(), lin(xs)) < 1e-6
+    assert rel_err(lin.forward_t(xs).t(), lin(xs)) < 1e-6

@@ -48,6 +48,19 @@ class StoredWeight(nn.Module):
         return w
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, transposed: bool = False) -> torch.Tensor:
+    """``F.linear(x, w, b)``, or with ``transposed`` its transpose computed as W·xᵀ (+ b per row). Half operands on
+    a CPU that only emulates half GEMMs are multiplied in fp32 and rounded once (cpu_half.py)."""
+    dtype = x.dtype
+    if cpu_half.upcast(x):
+        x, w, b = x.float(), w.float(), None if b is None else b.float()
+    if transposed:
+        y = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
+    else:
+        y = F.linear(x, w, b)
+    return y.to(dtype)
+
+
 class Linear(StoredWeight):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
@@ -71,27 +84,22 @@ class Linear(StoredWeight):
             y = scaled_mm.fp8_linear(x, self.weight, self.weight_scale, b, self.input_scale)
         elif self.quant_matmul and int8_mm.can_use(self.weight, x):
             y = int8_mm.int8_linear(x, self.weight, b)
-        elif cpu_half.upcast(x):  # same products, in fp32 GEMMs (cpu_half.py)
-            y = F.linear(x.float(), self.compute_weight(x.dtype).float(), None if b is None else b.float()).to(x.dtype)
         else:
-            y = F.linear(x, self.compute_weight(x.dtype), b)
+            y = linear(x, self.compute_weight(x.dtype), b)
         for down, up, factor in self.patches:  # low-rank (down, up) or dense (None, ΔW)
-            h = x if down is None else F.linear(x, down.to(device=x.device, dtype=x.dtype))
-            y = y + F.linear(h, up.to(device=x.device, dtype=x.dtype)) * factor
+            h = x if down is None else linear(x, down.to(device=x.device, dtype=x.dtype))
+            y = y + linear(h, up.to(device=x.device, dtype=x.dtype)) * factor
         return y
 
-    def forward_t(self, xt: torch.Tensor) -> torch.Tensor:
-        """``self(xt.T).T`` for a 2-D ``xt`` of [in, tokens]: the weight on the left of the product, so the BLAS
-        GEMM's leading (m) dimension is the tokens instead of the outputs (see ``SwiGLU``). Plain or packed weights
-        (no quantized compute); run-time patches included."""
-        dtype = torch.float32 if cpu_half.upcast(xt) else xt.dtype  # as in forward
-        y = torch.mm(self.compute_weight(xt.dtype).to(dtype), xt.to(dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)[:, None]
-        y = y.to(xt.dtype)
+    def forward_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x).T`` for a 2-D ``x`` of [tokens, in], computed as W·xᵀ so that the BLAS GEMM's leading (m)
+        dimension is the tokens instead of the outputs (see ``SwiGLU.hidden_major``). Plain or packed weights (no
+        quantized compute); run-time patches included, rounded where ``forward`` rounds them."""
+        b = self.bias
+        y = linear(x, self.compute_weight(x.dtype), None if b is None else b.to(x.dtype), transposed=True)
         for down, up, factor in self.patches:
-            h = xt if down is None else torch.mm(down.to(device=xt.device, dtype=xt.dtype), xt)
-            y = y + torch.mm(up.to(device=xt.device, dtype=xt.dtype), h) * factor
+            h = x if down is None else linear(x, down.to(device=x.device, dtype=x.dtype))
+            y = y + linear(h, up.to(device=x.device, dtype=x.dtype), transposed=True) * factor
         return y
 
     def extra_repr(self) -> str:
@@ -184,9 +192,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``scale`` multiplies w2's input (and so the output) exactly: fp16 headroom, see precision.py."""
         if self.hidden_major(x):
-            xt = x.reshape(-1, x.shape[-1]).t()
-            up = self.w3.forward_t(xt)
-            h = F.silu(self.w1.forward_t(xt), inplace=True).mul_(up if scale == 1.0 else up * scale).t()
+            x2 = x.reshape(-1, x.shape[-1])
+            up = self.w3.forward_t(x2)
+            h = F.silu(self.w1.forward_t(x2), inplace=True).mul_(up if scale == 1.0 else up * scale).t()
         else:
             up = self.w3(x)
             h = F.silu(self.w1(x), inplace=True).mul_(up if scale == 1.0 else up * scale)
