@@ -95,9 +95,10 @@ def test_bundled_merges_give_the_published_vocabulary():
     published = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "qwen_tokenizer")
     if not os.path.isfile(os.path.join(published, "vocab.json")):
         pytest.skip(f"the published Qwen tokenizer is not at {published}")
+    merges = read_merges(BUNDLED)
     with open(os.path.join(published, "vocab.json"), encoding="utf-8") as f:
-        assert byte_level_vocab(read_merges(BUNDLED)) == json.load(f)
-    assert read_merges(BUNDLED) == read_merges(published)
+        assert byte_level_vocab(merges) == json.load(f)
+    assert merges == read_merges(published)
 
 
 def test_bundled_files_are_package_data():

@@ -86,10 +86,7 @@ class Linear(StoredWeight):
             y = int8_mm.int8_linear(x, self.weight, b)
         else:
             y = linear(x, self.compute_weight(x.dtype), b)
-        for down, up, factor in self.patches:  # low-rank (down, up) or dense (None, ΔW)
-            h = x if down is None else linear(x, down.to(device=x.device, dtype=x.dtype))
-            y = y + linear(h, up.to(device=x.device, dtype=x.dtype)) * factor
-        return y
+        return self._add_patches(x, y)
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x).T`` for a 2-D ``x`` of [tokens, in], computed as W·xᵀ so that the BLAS GEMM's leading (m)
@@ -97,9 +94,13 @@ class Linear(StoredWeight):
         quantized compute); run-time patches included, rounded where ``forward`` rounds them."""
         b = self.bias
         y = linear(x, self.compute_weight(x.dtype), None if b is None else b.to(x.dtype), transposed=True)
+        return self._add_patches(x, y, transposed=True)
+
+    def _add_patches(self, x: torch.Tensor, y: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """``y`` plus the run-time patches' products with ``x``: low-rank (down, up) or dense (None, ΔW)."""
         for down, up, factor in self.patches:
             h = x if down is None else linear(x, down.to(device=x.device, dtype=x.dtype))
-            y = y + linear(h, up.to(device=x.device, dtype=x.dtype), transposed=True) * factor
+            y = y + linear(h, up.to(device=x.device, dtype=x.dtype), transposed=transposed) * factor
         return y
 
     def extra_repr(self) -> str:
@@ -191,13 +192,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``scale`` multiplies w2's input (and so the output) exactly: fp16 headroom, see precision.py."""
-        if self.hidden_major(x):
-            x2 = x.reshape(-1, x.shape[-1])
-            up = self.w3.forward_t(x2)
-            h = F.silu(self.w1.forward_t(x2), inplace=True).mul_(up if scale == 1.0 else up * scale).t()
-        else:
-            up = self.w3(x)
-            h = F.silu(self.w1(x), inplace=True).mul_(up if scale == 1.0 else up * scale)
+        major = self.hidden_major(x)  # then gate and up come as hidden × tokens
+        x2 = x.reshape(-1, x.shape[-1]) if major else x
+        gate, up = (lin.forward_t(x2) if major else lin(x2) for lin in (self.w1, self.w3))
+        h = F.silu(gate, inplace=True).mul_(up if scale == 1.0 else up * scale)
+        h = h.t() if major else h
         if h.dtype == torch.float16:  # ComfyUI clamps this product (comfy/ldm/lumina/model.py)
             h = torch.nan_to_num(h, nan=0.0, posinf=65504.0, neginf=-65504.0)
         return self.w2(h).reshape(x.shape)
