@@ -302,6 +302,62 @@ def section_compile(ctx, model, a, eager_image_s):
         R["compile"]["ratio_to_native_eager"] = sum(per_step) / native["image_s"]
 
 
+def section_graphs(ctx, model, a):
+    """CUDA graphs of the whole forward (cuda_graphs.py) against our eager forward and native eager, interleaved,
+    at the run's size and at 512²: per step, the capture's cost, the memory its pool holds, and the agreement."""
+    from zimage_core.cuda_graphs import fingerprint, fingerprint_slots
+
+    model.to(ctx.dev)
+    native = None
+    if not a.skip_native:
+        try:
+            native = native_model(model)
+        except Exception as e:  # noqa: BLE001 — report and go on
+            R.setdefault("graphs_notes", []).append(f"native skipped: {type(e).__name__}: {e}")
+    out = {}
+    for size in dict.fromkeys((a.size, 512)):
+        x = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(1)).to(ctx.dev)
+        eager = lambda x, t: model.forward_eager(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
+        impls = [("eager", eager)]
+        if native is not None:
+            ctxt = ctx.cap[None]
+            impls.append(("native", lambda x, t: -native(x.to(torch.bfloat16), 1.0 - t, ctxt, ctxt.shape[1])))
+        model.use_cuda_graphs()
+        g = model.cuda_graphs
+        graphed = lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
+        impls.append(("graphs", graphed))
+        ctx.sync()
+        reserved0 = torch.cuda.memory_reserved(ctx.dev) if ctx.cuda else 0
+        t = torch.tensor([0.5], device=ctx.dev)
+        with torch.inference_mode():
+            capture_s = timed(ctx, lambda: graphed(x, t), repeats=1)  # an eager call, then the capturing one
+            ref = eager(x, t).float()
+            got = graphed(x, t).float()
+        pool_gb = ((torch.cuda.memory_reserved(ctx.dev) if ctx.cuda else 0) - reserved0) / GB
+        rows = {n: [] for n, _ in impls}
+        with torch.inference_mode():
+            for _ in range(a.repeats + 1):
+                for n, f in impls:
+                    rows[n].append(loop(f, x, ctx.steps, ctx.sync, per_step=True))
+        res = {}
+        for n, runs in rows.items():
+            per_step = [median([r[i] for r in runs[1:]]) for i in range(ctx.steps)]
+            res[n] = {"image_s": sum(per_step), "step_s": median(per_step[1:])}
+        slots = fingerprint_slots(model)
+        res["graphs"].update(ratio_to_eager=res["graphs"]["image_s"] / res["eager"]["image_s"],
+                             rel_to_eager=rel(got, ref), captures=g.captures, replays=g.replays,
+                             capture_call_s=capture_s, pool_gb=pool_gb,
+                             fingerprint_ms=1e3 * min(timed(ctx, lambda: fingerprint(model, slots), 1) for _ in range(5)))
+        if "native" in res:
+            res["graphs"]["ratio_to_native_eager"] = res["graphs"]["image_s"] / res["native"]["image_s"]
+            res["eager"]["ratio_to_native_eager"] = res["eager"]["image_s"] / res["native"]["image_s"]
+        out[str(size)] = res
+        model.use_cuda_graphs(False)
+        R["graphs"] = out
+    native = None  # noqa: F841 (its tensors are ours; only the module goes)
+    gc.collect()
+
+
 def section_fp8(ctx, a, bf16_image_s):
     model = build(ctx.cfg, fp8=True, device=ctx.dev)
     ctx.reset_peak()
@@ -421,6 +477,11 @@ def markdown() -> str:
                      if "error" not in r else f"| {k} | {r['error']} | | |")
     if "compile" in R:
         L += ["", "## Ours compiled (torch.compile per block)", ""] + [f"- {k}: {f(v)}" for k, v in R["compile"].items()]
+    for size, res in R.get("graphs", {}).items():
+        L += ["", f"## CUDA graphs of the forward, {size}², 8 steps", "", "| | s/image | s/step |", "|---|---|---|"]
+        L += [f"| {n} | {f(r['image_s'])} | {f(r['step_s'], 4)} |" for n, r in res.items()]
+        L += [""] + [f"- {k}: {f(v, 4)}" for k, v in res["graphs"].items() if k not in ("image_s", "step_s")]
+    L += [f"Note: {n}" for n in R.get("graphs_notes", [])]
     if "fp8" in R:
         r = R["fp8"]
         L += ["", f"## Weight-only fp8: {f(r['weights_gb'], 2)} GB of weights, {f(r['image_s'])} s/image, "
@@ -455,7 +516,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budgets", default="12,8,6")
     ap.add_argument("--fp8-budgets", default="6")
-    ap.add_argument("--sections", default="resident,offload,diffusers_offload,compile,fp8,text_encoder,vae")
+    ap.add_argument("--sections", default="resident,offload,diffusers_offload,graphs,compile,fp8,text_encoder,vae")
     ap.add_argument("--skip-native", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small config, to check the script on any machine")
     a = ap.parse_args()
@@ -504,6 +565,7 @@ def main():
     run("offload", lambda: section_offload(ctx, model, "bf16", a.budgets.split(","), resident_s))
     if ctx.cuda:
         run("diffusers_offload", lambda: section_diffusers_offload(ctx, model, resident_s))
+    run("graphs", lambda: section_graphs(ctx, model, a))
     run("compile", lambda: section_compile(ctx, model, a, resident_s))
     model = None  # noqa: F841 (frees the weights before the next section)
     gc.collect()

@@ -114,6 +114,12 @@ class ZImageModelLoader(io.ComfyNode):
                                          "size compiles (about 10 s on an H100), later steps run faster (H100, 1024²: 0.89× "
                                          "the eager time). Works with offloading, LoRAs and ControlNets, for this node's "
                                          "sampler and KSampler alike. Needs Triton on NVIDIA GPUs (Windows: triton-windows)."),
+                io.Boolean.Input("cuda_graphs", default=False, optional=True, advanced=True,
+                                 tooltip="Replay each step's transformer forward as one CUDA graph: the first step at a new "
+                                         "image size runs normally, the second captures it, later steps skip the launch "
+                                         "overhead of ~1000 kernels. NVIDIA GPUs, with the transformer fully resident and no "
+                                         "ControlNet or block patches (otherwise steps simply run without). Holds one "
+                                         "step's activations per image size in use (up to 4)."),
             ],
             outputs=[io.Model.Output(tooltip="A standard MODEL: KSampler, SamplerCustomAdvanced, LoRA loaders, model "
                                              "patches and the Z-Image Sampler all take it.")],
@@ -125,7 +131,7 @@ class ZImageModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype, attention, offload, vram_budget_gb, prefetch=2,
-                fp8_compute="auto", compile=False) -> io.NodeOutput:  # noqa: A002 (the widget's name)
+                fp8_compute="auto", compile=False, cuda_graphs=False) -> io.NodeOutput:  # noqa: A002 (the widget's name)
         import comfy.model_management as mm
 
         from zimage_core.compiling import require_compile
@@ -143,6 +149,8 @@ class ZImageModelLoader(io.ComfyNode):
                       if ok and fp8_compute == f"{k} matmul")
         if compile:
             require_compile(device, model_name)
+        if cuda_graphs and device.type != "cuda":
+            raise zc.ZImageError(f"CUDA graphs need an NVIDIA GPU and ComfyUI runs on {device}; turn cuda_graphs off.")
 
         def load():
             model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend,
@@ -157,6 +165,8 @@ class ZImageModelLoader(io.ComfyNode):
             {"dtype": dtype, "storage": storage, "attention": backend, "quant_matmul": kinds, "compile": compile},
             {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
         )
+        if (patcher.net.cuda_graphs is not None) != cuda_graphs:  # a run-time setting of the cached model, like offload
+            patcher.net.use_cuda_graphs(cuda_graphs)
         return io.NodeOutput(patcher)
 
 

@@ -157,6 +157,7 @@ class ZImagePatcher(ModelPatcher):
             return self.loaded_size() - before
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
+        self.drop_graphs()
         if self.streamer is None or not self.streamer.attached:
             return 0
         before = self.loaded_size()
@@ -169,7 +170,13 @@ class ZImagePatcher(ModelPatcher):
         self.detach_streamer()
         return super().detach(unpatch_all)
 
+    def drop_graphs(self) -> None:
+        """ComfyUI wants memory back: CUDA graphs (cuda_graphs.py) hold their layouts' activations outside its count."""
+        if getattr(self.net, "cuda_graphs", None) is not None:
+            self.net.cuda_graphs.drop()
+
     def detach_streamer(self) -> None:
+        self.drop_graphs()
         if self.streamer is not None:
             self.streamer.detach()
         self.model.model_loaded_weight_memory = 0

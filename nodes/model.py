@@ -72,6 +72,8 @@ def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, t: torch.
     if to.get(CONTROL):
         run = replace(run, after=[*run.after, *control_hooks(to[CONTROL], dit, t, tuple(x.shape[-2:]), to.get(SHIFT, 3.0))])
     patches = to.get("patches", {})
+    if not to.get(CONTROL) and not patches.get("noise_refiner") and not patches.get("double_block"):
+        return run  # no hook would act: the forward stays free of per-block Python (and may replay as a CUDA graph)
     p, n_img = dit.cfg.patch_size, (x.shape[-2] // dit.cfg.patch_size) * (x.shape[-1] // dit.cfg.patch_size)
     img_len = pad_to_multiple(n_img)
     memo: dict = {}

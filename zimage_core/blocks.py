@@ -34,6 +34,7 @@ class Executor:
     """The plain executor: blocks run where their weights are."""
 
     device: torch.device | None = None
+    static = True  # a call places nothing: a CUDA graph of the forward stays valid (cuda_graphs.py)
 
     def begin(self, blocks: Sequence[nn.Module]) -> None:  # noqa: ARG002 (a streamer plans its copies)
         """A forward call starts and will run exactly ``blocks``, in this order."""

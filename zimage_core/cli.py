@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8", action="store_true", help="store the transformer's weights in fp8 (half the memory)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer's blocks (the first step compiles, later steps run faster)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's transformer forward as one CUDA graph (NVIDIA GPU, transformer resident)")
     g.add_argument("--offload", choices=MODES, default="auto",
                    help="GPU memory plan: auto fits free VRAM, budget uses --vram-budget, resident keeps all, min_vram streams all")
     g.add_argument("--vram-budget", type=float, default=None, help="GB of VRAM to use with --offload budget")
@@ -158,6 +160,8 @@ def generate(a) -> list[str]:
 
     if a.compile:
         require_compile(a.device, "the transformer (--compile)")  # before minutes of loading
+    if a.cuda_graphs and torch.device(a.device).type != "cuda":
+        raise ZImageError(f"--cuda-graphs needs an NVIDIA GPU (--device cuda), not {a.device}")
     paths = _weights(a)
     init = Image.open(a.init_image).convert("RGB") if a.init_image else None
     refs = [Image.open(p).convert("RGB") for p in a.reference]
@@ -194,6 +198,8 @@ def generate(a) -> list[str]:
         apply_lora_specs(pipe.transformer, a.lora)
     if a.compile:
         pipe.transformer.compile_blocks()
+    if a.cuda_graphs:
+        pipe.transformer.use_cuda_graphs()
     load_s = time.perf_counter() - t0
     if a.enhance:
         from .enhancer import load_chat

@@ -373,6 +373,11 @@ class BlockStreamer(Executor):
         self.attached = False
 
     @property
+    def static(self) -> bool:
+        """Nothing streamed: blocks run where they sit, as with the plain executor."""
+        return not self.host
+
+    @property
     def placed_bytes(self) -> int:
         return self.ledger.now + sum(s.placed_bytes for s in self.sides)
 

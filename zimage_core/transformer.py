@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import attention
 from .blocks import PLAIN, BlockCall, BlockRun, Executor
+from .cuda_graphs import CudaGraphs
 from .layers import Linear, RMSNorm, SwiGLU
 from .omni import omni_tokens
 from .packing import Packed, Tokens, grid_ids, join, pack, pad_to_multiple
@@ -238,6 +239,7 @@ class ZImageTransformer(nn.Module):
         self.lora_patcher: LoraPatcher | None = None  # created by LoraPatcher.of on the first LoRA
         self.source_path: str | None = None  # set by the loader: the file or folder the weights came from
         self.source_layout: str | None = None  # "comfyui" or "diffusers"
+        self.cuda_graphs: CudaGraphs | None = None  # use_cuda_graphs()
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -301,9 +303,22 @@ class ZImageTransformer(nn.Module):
             t = torch.full_like(t, value)
         return self.t_embedder(t * self.cfg.t_scale, self.compute_dtype)
 
+    def use_cuda_graphs(self, on: bool = True) -> None:
+        """Replay the plain forward as CUDA graphs where it can (resident on an NVIDIA GPU, no block hooks; see
+        cuda_graphs.py); elsewhere, and with ``on`` False, it runs eagerly."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.drop()
+        self.cuda_graphs = CudaGraphs(self) if on else None
+
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, t, captions, run: BlockRun | None = None):
-        """The plain path (text-to-image): per sample [image tokens | caption tokens]."""
+        """The plain path (text-to-image): per sample [image tokens | caption tokens]. Replayed as a CUDA graph
+        where ``use_cuda_graphs`` allows it, else eager."""
+        if self.cuda_graphs is not None and self.cuda_graphs.applies(x, captions, run):
+            return self.cuda_graphs(x, t, captions, run)
+        return self.forward_eager(x, t, captions, run)
+
+    def forward_eager(self, x, t, captions, run: BlockRun | None = None):
         dtype, dev = self.compute_dtype, self.device
         images = list(x) if isinstance(x, (list, tuple)) else list(x.unbind(0))
         if len(captions) != len(images):

@@ -1,0 +1,167 @@
+"""CUDA graphs of the whole transformer forward, one per input layout (optional; resident models on NVIDIA GPUs).
+
+A step launches ~25 kernels per block for ~40 blocks and runs the Python between them (packing, RoPE lookup,
+hooks); one graph replays all of it with a single launch, so small images and fast GPUs stop waiting on the host.
+
+A graph bakes in what the capture read: the storage addresses of the weights, their LoRA run-time patches and the
+per-layout RoPE tables, and Python numbers (patch factors, the attention backend). So each graph is keyed by the
+input layout *and* a fingerprint of all of that: ComfyUI patching a LoRA in, or weights moving, recaptures instead
+of replaying stale addresses. The RoPE tables a graph read are held by it, so the layout cache cannot free them
+under it. Inputs are copied into the graph's static buffers and the output is cloned out, so callers may keep
+results across calls (a CFG pair). A layout is captured on its second call (a layout seen once, such as a single
+img2img step, costs nothing): the first runs eagerly and builds what capture cannot (Triton's JIT, the RoPE table);
+the capture then runs one warm-up forward on its side stream. Only the plain path is graphed, and only without
+per-block hooks (ControlNet, model patches) or streaming; anything else runs eagerly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from . import packing, qk_norm_rope
+from .errors import ZImageInterrupted
+from .packed import Packed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    state: tuple  # the fingerprint it was captured under
+    x: torch.Tensor
+    t: torch.Tensor
+    captions: list[torch.Tensor]
+    out: torch.Tensor
+    keep: list[torch.Tensor]  # tensors made outside the graph that it reads (RoPE tables, masks)
+
+
+def _print(v):
+    """The part of a value a graph bakes in: tensors by storage address, plain values as they are."""
+    if isinstance(v, torch.Tensor):
+        return v.data_ptr()
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple(_print(e) for e in v)
+    if isinstance(v, Packed):
+        return (v.fmt.name, *(t.data_ptr() for t in v.tensors.values()))
+    return type(v).__name__  # executors, configs, patchers: not read by the forward's kernels
+
+
+def fingerprint(model: torch.nn.Module, slots: list | None = None) -> tuple:
+    """Everything the forward reads that a graph would bake in: every module's tensors by address (weights, scales,
+    run-time patches; a new tensor has a new address, values changed in place are read where they are) and its
+    plain attributes (patch factors, attention backend, flags). ``slots`` (``fingerprint_slots``) saves the walk."""
+    out = [qk_norm_rope.ENABLED]
+    for m, names in slots or fingerprint_slots(model):
+        out.extend(p.data_ptr() for p in m._parameters.values() if p is not None)
+        out.extend(b.data_ptr() for b in m._buffers.values() if b is not None)
+        d = m.__dict__
+        out.extend(_print(d.get(k)) for k in names)
+    return tuple(out)
+
+
+def fingerprint_slots(model: torch.nn.Module) -> list:
+    """Per module, its public attributes (the structure of a loaded model does not change)."""
+    return [(m, [k for k in m.__dict__ if not k.startswith("_") and k != "training"]) for m in model.modules()]
+
+
+class CudaGraphs:
+    """Per transformer: captured graphs by layout (the ``max_graphs`` most recent), sharing one memory pool."""
+
+    def __init__(self, model, max_graphs: int = 4):
+        self.model, self.max_graphs = model, max_graphs
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.seen: set[tuple] = set()  # layouts that ran once eagerly
+        self.failed: set[tuple] = set()  # layouts whose capture failed: eager from then on
+        self.pool = None
+        self.captures = self.replays = 0
+        self.warned = False
+        self.slots: list | None = None
+
+    def drop(self) -> None:
+        """Release every graph and its memory (the model leaves the GPU, or ComfyUI wants the memory back)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
+
+    def applies(self, x, captions, run) -> bool:
+        """Whether this call can replay a graph: a plain batch tensor on a resident CUDA model, no per-block hooks,
+        no autograd, not inside another capture or a compile trace."""
+        m = self.model
+        if not (isinstance(x, torch.Tensor) and m.device.type == "cuda" and getattr(m.executor, "static", False)):
+            if self.graphs:
+                self.drop()  # streamed or moved off the GPU: hold no memory for graphs that cannot replay
+            if m.device.type == "cuda" and not getattr(m.executor, "static", False) and not self.warned:
+                self.warned = True
+                log.warning("Z-Image: CUDA graphs need the transformer resident on the GPU; blocks are streamed "
+                            "(offloading), so steps run without them.")
+            return False
+        if run is not None and (run.wraps or run.after):
+            return False
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in captions)))
+
+    def __call__(self, x, t, captions, run=None):
+        if run is not None and run.cancel is not None and run.cancel():  # once per forward instead of per block
+            raise ZImageInterrupted("sampling was interrupted")
+        m = self.model
+        t = torch.as_tensor(t, dtype=torch.float32, device=m.device).reshape(-1).expand(len(x))
+        layout = (tuple(x.shape), x.dtype, tuple((tuple(c.shape), c.dtype) for c in captions),
+                  torch.is_inference_mode_enabled())
+        if layout in self.failed or layout not in self.seen:
+            self.seen.add(layout)
+            return m.forward_eager(x, t, captions)
+        self.slots = self.slots or fingerprint_slots(m)
+        state = fingerprint(m, self.slots)
+        g = self.graphs.get(layout)
+        if g is None or g.state != state:
+            g = self._capture(layout, state, x, t, captions)
+            if g is None:
+                return m.forward_eager(x, t, captions)
+        else:
+            self.graphs.move_to_end(layout)
+            g.x.copy_(x)
+            g.t.copy_(t)
+            for s, c in zip(g.captions, captions):
+                s.copy_(c)
+        g.graph.replay()
+        self.replays += 1
+        return g.out.clone()
+
+    def _capture(self, layout, state, x, t, captions) -> _Graph | None:
+        m = self.model
+        self.graphs.pop(layout, None)
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        dev = m.device
+        sx, st, *scaps = (torch.empty(v.shape, dtype=v.dtype, device=dev).copy_(v) for v in (x, t, *captions))
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        main = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)  # warm-up and capture on one side stream (PyTorch's recipe): per-stream state
+        side.wait_stream(main)  # (cuBLAS workspaces) exists before the capture starts
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad():
+                with torch.cuda.stream(side):
+                    m.forward_eager(sx, st, scaps)
+                with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                    out = m.forward_eager(sx, st, scaps)
+            main.wait_stream(side)
+        except Exception as e:  # noqa: BLE001 (capture refuses many things: a host copy, a sync, a CPU patch)
+            torch.cuda.set_stream(main)  # a failed capture_end leaves the side stream current
+            main.wait_stream(side)
+            self.failed.add(layout)
+            log.warning("Z-Image: this input layout runs without CUDA graphs; capturing its forward failed: %s", e)
+            return None
+        self.captures += 1
+        g = _Graph(graph, state, sx, st, scaps, out, list(packing._TABLES.values()))
+        self.graphs[layout] = g
+        return g
+
