@@ -348,6 +348,15 @@ def section_graphs(ctx, model, a):
                              rel_to_eager=rel(got, ref), captures=g.captures, replays=g.replays,
                              capture_call_s=capture_s, pool_gb=pool_gb,
                              fingerprint_ms=1e3 * min(timed(ctx, lambda: fingerprint(model, slots), 1) for _ in range(5)))
+        if size == a.size:  # our sampler end to end with graphs on (schedule, Euler, callbacks), as in section_sampler
+            times = []
+            for _ in range(3):
+                ctx.sync()
+                t0 = time.perf_counter()
+                zc.sample(model, x.float(), [ctx.cap], sigmas=zc.sigmas(ctx.steps))
+                ctx.sync()
+                times.append(time.perf_counter() - t0)
+            res["graphs"]["sampler_image_s"] = median(times[1:])
         if "native" in res:
             res["graphs"]["ratio_to_native_eager"] = res["graphs"]["image_s"] / res["native"]["image_s"]
             res["eager"]["ratio_to_native_eager"] = res["eager"]["image_s"] / res["native"]["image_s"]
