@@ -304,8 +304,8 @@ def section_compile(ctx, model, a, eager_image_s):
 
 def section_graphs(ctx, model, a):
     """CUDA graphs of the whole forward (cuda_graphs.py) against our eager forward and native eager, interleaved,
-    at the run's size and at 512²: per step, the capture's cost, the memory its pool holds, and the agreement."""
-    from zimage_core.cuda_graphs import fingerprint, fingerprint_slots
+    at the run's size, 768² and 512²: per step, the capture's cost, the memory its pool holds, and the agreement."""
+    from zimage_core.cuda_graphs import Fingerprint
 
     model.to(ctx.dev)
     native = None
@@ -315,7 +315,7 @@ def section_graphs(ctx, model, a):
         except Exception as e:  # noqa: BLE001 — report and go on
             R.setdefault("graphs_notes", []).append(f"native skipped: {type(e).__name__}: {e}")
     out = {}
-    for size in dict.fromkeys((a.size, 512)):
+    for size in dict.fromkeys((a.size, 768, 512)):
         x = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(1)).to(ctx.dev)
         eager = lambda x, t: model.forward_eager(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
         impls = [("eager", eager)]
@@ -326,13 +326,15 @@ def section_graphs(ctx, model, a):
         g = model.cuda_graphs
         graphed = lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
         impls.append(("graphs", graphed))
-        ctx.sync()
+        ctx.reset_peak()  # empties the cache: what stays reserved after the capture is the graph's pool
         reserved0 = torch.cuda.memory_reserved(ctx.dev) if ctx.cuda else 0
         t = torch.tensor([0.5], device=ctx.dev)
         with torch.inference_mode():
             capture_s = timed(ctx, lambda: graphed(x, t), repeats=1)  # an eager call, then the capturing one
             ref = eager(x, t).float()
             got = graphed(x, t).float()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
         pool_gb = ((torch.cuda.memory_reserved(ctx.dev) if ctx.cuda else 0) - reserved0) / GB
         rows = {n: [] for n, _ in impls}
         with torch.inference_mode():
@@ -343,11 +345,11 @@ def section_graphs(ctx, model, a):
         for n, runs in rows.items():
             per_step = [median([r[i] for r in runs[1:]]) for i in range(ctx.steps)]
             res[n] = {"image_s": sum(per_step), "step_s": median(per_step[1:])}
-        slots = fingerprint_slots(model)
+        fingerprint = Fingerprint(model)
         res["graphs"].update(ratio_to_eager=res["graphs"]["image_s"] / res["eager"]["image_s"],
                              rel_to_eager=rel(got, ref), captures=g.captures, replays=g.replays,
                              capture_call_s=capture_s, pool_gb=pool_gb,
-                             fingerprint_ms=1e3 * min(timed(ctx, lambda: fingerprint(model, slots), 1) for _ in range(5)))
+                             fingerprint_ms=1e3 * min(timed(ctx, fingerprint, 1) for _ in range(5)))
         if size == a.size:  # our sampler end to end with graphs on (schedule, Euler, callbacks), as in section_sampler
             times = []
             for _ in range(3):

@@ -117,7 +117,8 @@ class ZImageModelLoader(io.ComfyNode):
                 io.Boolean.Input("cuda_graphs", default=False, optional=True, advanced=True,
                                  tooltip="Replay each step's transformer forward as one CUDA graph: the first step at a new "
                                          "image size runs normally, the second captures it, later steps skip the launch "
-                                         "overhead of ~1000 kernels. NVIDIA GPUs, with the transformer fully resident and no "
+                                         "overhead of ~2000 kernels (H100: 0.95× the step at 512², no change at 1024² where "
+                                         "the GPU never waits). NVIDIA GPUs, with the transformer fully resident and no "
                                          "ControlNet or block patches (otherwise steps simply run without). Holds one "
                                          "step's activations per image size in use (up to 4)."),
             ],

@@ -12,7 +12,7 @@ from tiny import gpu_test_transformer, rel_err
 
 from zimage_core import qk_norm_rope
 from zimage_core.blocks import BlockRun
-from zimage_core.cuda_graphs import fingerprint
+from zimage_core.cuda_graphs import Fingerprint, fingerprint
 from zimage_core.offload import offload
 from zimage_core.transformer import ZImageConfig, ZImageTransformer
 
@@ -37,30 +37,46 @@ def tiny_cpu() -> ZImageTransformer:
 
 
 def test_fingerprint_follows_what_a_graph_bakes_in():
-    """A graph reads weights by address and patch factors and flags as captured: each of those changes the
-    fingerprint, a change of weight *values* in place does not (the graph reads them where they are)."""
+    """A graph reads weights by address, and patch factors and flags as captured: each of those changes the
+    fingerprint (one built walk, as a model keeps it), a change of weight *values* in place does not (the graph reads
+    them where they are)."""
+    from zimage_core.packed import Dense, Packed
+
     model = tiny_cpu()
+    fp = Fingerprint(model)
     lin = model.layers[0].feed_forward.w2
-    base = fingerprint(model)
-    assert fingerprint(model) == base
+    seen = [fp()]
+
+    def changed(why):
+        now = fp()
+        assert now != seen[-1], why
+        assert now == fingerprint(model), "the kept walk sees what a fresh one sees"
+        seen.append(now)
+
+    assert fp() == seen[0]
     with torch.no_grad():
         lin.weight.mul_(2)
-    assert fingerprint(model) == base, "in-place values are read at replay; no recapture needed"
+    assert fp() == seen[0], "in-place values are read at replay; no recapture needed"
     lin.weight = torch.nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
-    replaced = fingerprint(model)
-    assert replaced != base
+    changed("a replaced weight (ComfyUI's set_attr_param)")
+    lin.weight.data = lin.weight.data.clone()
+    changed("new .data under the same Parameter")
+    model.cap_pad_token.data = model.cap_pad_token.data.clone()
+    changed("a Parameter outside any Linear")
     down, up = torch.randn(4, lin.in_features), torch.randn(lin.out_features, 4)
     lin.patches.append((down, up, 0.5))
-    patched = fingerprint(model)
-    assert patched != replaced
+    changed("a run-time patch")
     lin.patches[0] = (down, up, 0.75)
-    assert fingerprint(model) != patched, "a patch factor is a Python number baked into the graph"
+    changed("a patch factor is a Python number baked into the graph")
     model.set_attention_backend("flash")
-    assert fingerprint(model) != patched
-    flagged = fingerprint(model)
+    changed("the attention backend")
+    lin.weight = Packed(Dense(), tuple(lin.weight.shape), {"w": lin.weight.data.reshape(-1).clone()})
+    changed("a weight now held packed (the module's attributes changed)")
+    lin.weight = lin.weight.map(torch.clone)
+    changed("a packed weight moved")
     qk_norm_rope.ENABLED = not qk_norm_rope.ENABLED
     try:
-        assert fingerprint(model) != flagged
+        changed("the fused q/k kernel switch")
     finally:
         qk_norm_rope.ENABLED = not qk_norm_rope.ENABLED
 
