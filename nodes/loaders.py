@@ -140,8 +140,10 @@ class ZImageModelLoader(io.ComfyNode):
         from zimage_core.layers import set_quant_matmul
         from zimage_core.scaled_mm import device_supports_fp8
 
-        path = resolve("diffusion_models", model_name)
         device = mm.get_torch_device()
+        if cuda_graphs and device.type != "cuda":  # a setting this machine cannot honour: said before any loading
+            raise zc.ZImageError(f"CUDA graphs need an NVIDIA GPU and ComfyUI runs on {device}; turn cuda_graphs off.")
+        path = resolve("diffusion_models", model_name)
         dtype, storage = _split_dtype(weight_dtype, device)
         backend = zc.attention.resolve_backend(attention)
         # auto = dequantize: on an H100 (4 full-width blocks, 1024²) fp8 matmul was 1.03× dequantize with 3.9e-2 error vs
@@ -150,8 +152,6 @@ class ZImageModelLoader(io.ComfyNode):
                       if ok and fp8_compute == f"{k} matmul")
         if compile:
             require_compile(device, model_name)
-        if cuda_graphs and device.type != "cuda":
-            raise zc.ZImageError(f"CUDA graphs need an NVIDIA GPU and ComfyUI runs on {device}; turn cuda_graphs off.")
 
         def load():
             model = zc.load_transformer(path, dtype=dtype, storage_dtype=storage, attention_backend=backend,

@@ -227,3 +227,49 @@ def test_control_models_stream_under_the_models_budget(tmp_path):
     cn = save_controlnet(diffusers_controlnet("2.1"), tmp_path / "cn.safetensors", "2.1")
     out = run_in_comfy(COMFY, CONTROL_SCRIPT, dit, cn, comfy_vae(str(tmp_path / "ae.safetensors")))
     assert all(out.values()), out
+
+
+GRAPHS_SCRIPT = r"""
+(path,) = ARGS
+import zimage_core as zc
+from zimage_core.blocks import BlockRun
+from zimage_pack.nodes import memory
+from zimage_pack.nodes.loaders import ZImageModelLoader
+from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel, comfy_block_run
+
+cpu = torch.device("cpu")
+p = memory.ZImagePatcher(ZImageBase(zc.load_transformer(path, dtype=torch.float32, cls=ZImageDiffusionModel)), cpu, cpu)
+p.stream_on_cpu, p.activations = True, 0
+dit = p.model.diffusion_model
+x, t, caps = torch.randn(1, 16, 8, 8), torch.tensor([0.4]), [torch.randn(7, 32)]
+out = {}
+bare = comfy_block_run(dit, {}, x, t, caps, BlockRun(cancel=lambda: False))
+out["no_patch_no_hooks"] = not bare.wraps and not bare.after and bare.cancel() is False
+hooked = comfy_block_run(dit, {"patches": {"double_block": [lambda a: {}]}}, x, t, caps)
+out["a_patch_hooks"] = len(hooked.wraps) == 1 and len(hooked.after) == 1
+dit.use_cuda_graphs()
+g = dit.cuda_graphs
+for where, act in (("detach", lambda: p.detach()),
+                   ("unload", lambda: (p.partially_load(cpu, 1e32), g.graphs.__setitem__("k", object()),
+                                       p.partially_unload(cpu, 1)))):
+    g.graphs["k"], g.seen = object(), {"k"}
+    act()
+    out[f"{where}_drops_graphs"] = not g.graphs and not g.seen
+try:
+    ZImageModelLoader.execute(model_name="x.safetensors", weight_dtype="auto", attention="sdpa", offload="auto",
+                              vram_budget_gb=0.0, cuda_graphs=True)
+    out["cpu_refused"] = "no error"
+except zc.ZImageError as e:
+    out["cpu_refused"] = str(e)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_ksampler_calls_without_patches_run_hookless_and_unloading_drops_cuda_graphs(tmp_path):
+    """ComfyUI's path adds no per-block hooks when no patch or ControlNet acts (so a forward can replay as one CUDA
+    graph); ComfyUI taking memory back (detach, partial unload) releases the graphs' pools; the loader refuses
+    cuda_graphs on a CPU-only ComfyUI with a message that says what to do."""
+    path = save_comfyui(diffusers_transformer(seed=1), str(tmp_path / "z.safetensors"))
+    out = run_in_comfy(COMFY, GRAPHS_SCRIPT, path)
+    assert out.pop("cpu_refused") == "CUDA graphs need an NVIDIA GPU and ComfyUI runs on cpu; turn cuda_graphs off."
+    assert all(out.values()), out
