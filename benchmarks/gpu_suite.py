@@ -369,6 +369,43 @@ def section_graphs(ctx, model, a):
     gc.collect()
 
 
+def section_graphs_compiled(ctx, model, a):
+    """The loader's compile and cuda_graphs together: compiled blocks, eager and replayed as one graph, interleaved,
+    at the run's size and 512² (each size compiles once, untimed)."""
+    model.to(ctx.dev)
+    model.compile_blocks(dynamic=False)
+    out = {}
+    try:
+        for size in dict.fromkeys((a.size, 512)):
+            x = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(1)).to(ctx.dev)
+            model.use_cuda_graphs()
+            impls = [("compiled", lambda x, t: model.forward_eager(x.to(torch.bfloat16), t, [ctx.cap])),
+                     ("compiled_graphs", lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap]))]
+            t = torch.tensor([0.5], device=ctx.dev)
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                for _ in range(3):  # compile, then the graph's eager call and capture
+                    ref, got = impls[0][1](x, t).float(), impls[1][1](x, t).float()
+                warm_s = time.perf_counter() - t0
+                rows = {n: [] for n, _ in impls}
+                for _ in range(a.repeats + 1):
+                    for n, f in impls:
+                        rows[n].append(loop(f, x, ctx.steps, ctx.sync, per_step=True))
+            res = {n: {"image_s": sum(median([r[i] for r in runs[1:]]) for i in range(ctx.steps))} for n, runs in rows.items()}
+            res["compiled_graphs"].update(ratio_to_compiled=res["compiled_graphs"]["image_s"] / res["compiled"]["image_s"],
+                                          rel_to_compiled=rel(got, ref), captures=model.cuda_graphs.captures, warm_s=warm_s)
+            eager = R.get("graphs", {}).get(str(size), {}).get("eager")
+            if eager:
+                for r in res.values():
+                    r["ratio_to_our_eager"] = r["image_s"] / eager["image_s"]
+            out[str(size)] = res
+            R["graphs_compiled"] = out
+    finally:
+        model.use_cuda_graphs(False)
+        for b in model.blocks():
+            b._compiled_call_impl = None  # back to eager
+
+
 def section_fp8(ctx, a, bf16_image_s):
     model = build(ctx.cfg, fp8=True, device=ctx.dev)
     ctx.reset_peak()
@@ -493,6 +530,9 @@ def markdown() -> str:
         L += [f"| {n} | {f(r['image_s'])} | {f(r['step_s'], 4)} |" for n, r in res.items()]
         L += [""] + [f"- {k}: {f(v, 4)}" for k, v in res["graphs"].items() if k not in ("image_s", "step_s")]
     L += [f"Note: {n}" for n in R.get("graphs_notes", [])]
+    for size, res in R.get("graphs_compiled", {}).items():
+        L += ["", f"## Compiled blocks, eager and as CUDA graphs, {size}²", ""]
+        L += [f"- {n}: " + ", ".join(f"{k} {f(v, 4)}" for k, v in r.items()) for n, r in res.items()]
     if "fp8" in R:
         r = R["fp8"]
         L += ["", f"## Weight-only fp8: {f(r['weights_gb'], 2)} GB of weights, {f(r['image_s'])} s/image, "
@@ -527,7 +567,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budgets", default="12,8,6")
     ap.add_argument("--fp8-budgets", default="6")
-    ap.add_argument("--sections", default="resident,offload,diffusers_offload,graphs,compile,fp8,text_encoder,vae")
+    ap.add_argument("--sections", default="resident,offload,diffusers_offload,graphs,graphs_compiled,compile,fp8,text_encoder,vae")
     ap.add_argument("--skip-native", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small config, to check the script on any machine")
     a = ap.parse_args()
@@ -577,6 +617,7 @@ def main():
     if ctx.cuda:
         run("diffusers_offload", lambda: section_diffusers_offload(ctx, model, resident_s))
     run("graphs", lambda: section_graphs(ctx, model, a))
+    run("graphs_compiled", lambda: section_graphs_compiled(ctx, model, a))
     run("compile", lambda: section_compile(ctx, model, a, resident_s))
     model = None  # noqa: F841 (frees the weights before the next section)
     gc.collect()

@@ -206,6 +206,25 @@ def test_hooks_streaming_and_interrupts_run_eagerly():
 
 
 @cuda
+def test_compiled_blocks_replay_as_graphs():
+    """The loader's compile and cuda_graphs together: the graph captures the compiled blocks' kernels, and replays
+    equal the compiled eager forward of the same inputs."""
+    from zimage_core.compiling import compile_problem
+
+    if compile_problem("cuda"):
+        pytest.skip(compile_problem("cuda"))
+    model = gpu_test_transformer(**SMALL).cuda()
+    model.compile_blocks(dynamic=False)
+    model.use_cuda_graphs()
+    with torch.inference_mode():
+        for seed in range(3):
+            x, t, caps = inputs(seed, "cuda")
+            got, ref = model(x, t, caps), model.forward_eager(x, t, caps)
+            assert torch.equal(got, ref), rel_err(got.float(), ref.float())
+    assert (model.cuda_graphs.captures, model.cuda_graphs.replays) == (1, 2)
+
+
+@cuda
 def test_a_capture_that_fails_falls_back_to_eager(caplog):
     """A run-time patch left in host memory needs a host copy inside the forward, which capture refuses: that
     layout runs eagerly from then on, with a warning, and gives the eager result. (Last in this file: it makes a
