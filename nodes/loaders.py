@@ -111,14 +111,14 @@ class ZImageModelLoader(io.ComfyNode):
                                        "the speed of dequantize, with about 2–3× its error."),
                 io.Boolean.Input("compile", default=False, optional=True, advanced=True,
                                  tooltip="torch.compile each transformer block (inductor). The first run at a new image "
-                                         "size compiles (about 10 s on an H100), later steps run faster (H100, 1024²: 0.89× "
-                                         "the eager time). Works with offloading, LoRAs and ControlNets, for this node's "
+                                         "size compiles (about 10 s on an H100), later steps run a little faster (H100: 0.97–1.0× "
+                                         "the eager time at 1024², 0.95× at 512²). Works with offloading, LoRAs and ControlNets, for this node's "
                                          "sampler and KSampler alike. Needs Triton on NVIDIA GPUs (Windows: triton-windows)."),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True, advanced=True,
                                  tooltip="Replay each step's transformer forward as one CUDA graph: the first step at a new "
                                          "image size runs normally, the second captures it, later steps skip the launch "
-                                         "overhead of ~2000 kernels (H100: 0.95× the step at 512², no change at 1024² where "
-                                         "the GPU never waits). NVIDIA GPUs, with the transformer fully resident and no "
+                                         "overhead of ~2000 kernels (H100: 0.95× the step at 512², 0.91× with compile, no change "
+                                         "at 1024² where the GPU never waits). NVIDIA GPUs, with the transformer fully resident and no "
                                          "ControlNet or block patches (otherwise steps simply run without). Holds one "
                                          "step's activations per image size in use (up to 4)."),
             ],
