@@ -6,12 +6,15 @@ import time
 
 
 def timed(fns: dict, repeats: int, sync) -> dict:
-    """Median seconds of each function, run in turn (so drift in machine load hits all alike), after one warm-up."""
+    """Median seconds of each function, run in turn (so drift in machine load hits all alike), after one warm-up.
+    Each round starts one function later than the last, so none always runs right after the same other one (what
+    a function leaves behind, e.g. freed memory or busy threads, then costs each of them alike)."""
     for f in fns.values():
         f()
     ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        for k, f in items[r % len(items):] + items[: r % len(items)]:
             sync()
             t0 = time.perf_counter()
             f()

@@ -15,7 +15,7 @@ from zimage_core.offload import MODES
 
 from .clip import ZImageCLIPModel, make_clip
 from .memory import Handle, cached_load, compute_dtype, storage_dtype
-from .model import ZImageBase, ZImageDiffusionModel
+from .model import GRAPHS, ZImageBase, ZImageDiffusionModel
 from .types import ZImageTextEncoder
 
 WEIGHT_DTYPES = ["auto", *COMPUTE_DTYPES, *STORAGE_DTYPES]
@@ -166,8 +166,9 @@ class ZImageModelLoader(io.ComfyNode):
             {"dtype": dtype, "storage": storage, "attention": backend, "quant_matmul": kinds, "compile": compile},
             {"mode": offload, "budget_gb": vram_budget_gb, "prefetch": prefetch},
         )
-        if (patcher.net.cuda_graphs is not None) != cuda_graphs:  # a run-time setting of the cached model, like offload
-            patcher.net.use_cuda_graphs(cuda_graphs)
+        if cuda_graphs:  # per MODEL: a clone, so another loader of the same file keeps its own choice
+            patcher = patcher.clone()
+            patcher.model_options.setdefault("transformer_options", {})[GRAPHS] = True
         return io.NodeOutput(patcher)
 
 

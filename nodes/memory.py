@@ -157,23 +157,24 @@ class ZImagePatcher(ModelPatcher):
             return self.loaded_size() - before
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):  # noqa: ARG002 (ComfyUI's signature)
-        self.drop_graphs()
+        graphs = self.drop_graphs()
         if self.streamer is None or not self.streamer.attached:
-            return 0
+            return graphs
         before = self.loaded_size()
         self.use_plans(plan_with_sides(self.net, self.sides(), mode="budget", activations=self.activations,
-                                       budget=max(0, int(before - memory_to_free)) + self.activations,
+                                       budget=max(0, int(before - max(0, memory_to_free - graphs))) + self.activations,
                                        prefetch=self.prefetch, device=self.load_device))
-        return before - self.loaded_size()
+        return graphs + before - self.loaded_size()
 
     def detach(self, unpatch_all=True):
         self.detach_streamer()
         return super().detach(unpatch_all)
 
-    def drop_graphs(self) -> None:
-        """ComfyUI wants memory back: CUDA graphs (cuda_graphs.py) hold their layouts' activations outside its count."""
-        if getattr(self.net, "cuda_graphs", None) is not None:
-            self.net.cuda_graphs.drop()
+    def drop_graphs(self) -> int:
+        """ComfyUI wants memory back: CUDA graphs (cuda_graphs.py) hold their layouts' activations outside its count.
+        Returns the bytes they gave back."""
+        graphs = getattr(self.net, "cuda_graphs", None)
+        return graphs.drop() if graphs is not None else 0
 
     def detach_streamer(self) -> None:
         self.drop_graphs()

@@ -28,8 +28,9 @@ from zimage_core.packed import Packed
 from zimage_core.packing import grid_ids, pad_to_multiple
 from zimage_core.transformer import ZImageTransformer
 
-# transformer_options keys of ours: Fun ControlNets (nodes/controlnet.py) and the shift their start/end percents use
-CONTROL, SHIFT = "zimage_control", "zimage_shift"
+# transformer_options keys of ours: Fun ControlNets (nodes/controlnet.py), the shift their start/end percents use, and
+# whether calls may replay as CUDA graphs (the loader's option, per MODEL clone)
+CONTROL, SHIFT, GRAPHS = "zimage_control", "zimage_shift", "zimage_cuda_graphs"
 
 
 class ZImageDiffusionModel(ZImageTransformer):
@@ -68,7 +69,7 @@ def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, t: torch.
     the time embedding, the padded latent); they may edit the tokens in place or return replacements. Our Fun
     ControlNets (``to[CONTROL]``) add their hints first, at model time ``t``. ``run`` (e.g. the sampler's cancel
     check) is kept."""
-    run = run or BlockRun()
+    run = replace(run or BlockRun(), cuda_graphs=bool(to.get(GRAPHS)))
     if to.get(CONTROL):
         run = replace(run, after=[*run.after, *control_hooks(to[CONTROL], dit, t, tuple(x.shape[-2:]), to.get(SHIFT, 3.0))])
     patches = to.get("patches", {})
@@ -114,7 +115,7 @@ def comfy_block_run(dit: ZImageTransformer, to: dict, x: torch.Tensor, t: torch.
                     h[:, cap] = out["txt"]
         return h
 
-    return BlockRun(cancel=run.cancel, wraps=[*run.wraps, before], after=[*run.after, after])
+    return replace(run, wraps=[*run.wraps, before], after=[*run.after, after])
 
 
 def model_config(cfg: zc.ZImageConfig, dtype: torch.dtype) -> comfy.supported_models.ZImage:

@@ -235,7 +235,7 @@ import zimage_core as zc
 from zimage_core.blocks import BlockRun
 from zimage_pack.nodes import memory
 from zimage_pack.nodes.loaders import ZImageModelLoader
-from zimage_pack.nodes.model import ZImageBase, ZImageDiffusionModel, comfy_block_run
+from zimage_pack.nodes.model import GRAPHS, ZImageBase, ZImageDiffusionModel, comfy_block_run
 
 cpu = torch.device("cpu")
 p = memory.ZImagePatcher(ZImageBase(zc.load_transformer(path, dtype=torch.float32, cls=ZImageDiffusionModel)), cpu, cpu)
@@ -245,6 +245,8 @@ x, t, caps = torch.randn(1, 16, 8, 8), torch.tensor([0.4]), [torch.randn(7, 32)]
 out = {}
 bare = comfy_block_run(dit, {}, x, t, caps, BlockRun(cancel=lambda: False))
 out["no_patch_no_hooks"] = not bare.wraps and not bare.after and bare.cancel() is False
+out["graphs_off_unless_asked"] = bare.cuda_graphs is False
+out["graphs_per_model_option"] = comfy_block_run(dit, {GRAPHS: True}, x, t, caps).cuda_graphs is True
 hooked = comfy_block_run(dit, {"patches": {"double_block": [lambda a: {}]}}, x, t, caps)
 out["a_patch_hooks"] = len(hooked.wraps) == 1 and len(hooked.after) == 1
 dit.use_cuda_graphs()

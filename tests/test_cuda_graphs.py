@@ -13,6 +13,7 @@ from tiny import gpu_test_transformer, rel_err
 from zimage_core import qk_norm_rope
 from zimage_core.blocks import BlockRun
 from zimage_core.cuda_graphs import Fingerprint, fingerprint
+from zimage_core.layers import Linear
 from zimage_core.offload import offload
 from zimage_core.transformer import ZImageConfig, ZImageTransformer
 
@@ -61,6 +62,10 @@ def test_fingerprint_follows_what_a_graph_bakes_in():
     changed("a replaced weight (ComfyUI's set_attr_param)")
     lin.weight.data = lin.weight.data.clone()
     changed("new .data under the same Parameter")
+    lin.weight.data = lin.weight.data.view(torch.int32)
+    changed("the same storage read as another dtype")
+    lin.weight.data = lin.weight.data.view(torch.float32)
+    seen.append(fp())
     model.cap_pad_token.data = model.cap_pad_token.data.clone()
     changed("a Parameter outside any Linear")
     down, up = torch.randn(4, lin.in_features), torch.randn(lin.out_features, 4)
@@ -74,6 +79,8 @@ def test_fingerprint_follows_what_a_graph_bakes_in():
     changed("a weight now held packed (the module's attributes changed)")
     lin.weight = lin.weight.map(torch.clone)
     changed("a packed weight moved")
+    model.layers[0].feed_forward.w1 = Linear(lin.out_features, lin.in_features)
+    changed("a submodule replaced (ComfyUI's object patches)")
     qk_norm_rope.ENABLED = not qk_norm_rope.ENABLED
     try:
         changed("the fused q/k kernel switch")
@@ -195,6 +202,13 @@ def test_hooks_streaming_and_interrupts_run_eagerly():
         assert g.captures == 1
         with pytest.raises(ZImageInterrupted):
             model(x, t, caps, run=BlockRun(cancel=lambda: True))
+        model(x, t, caps, run=BlockRun(cuda_graphs=False))  # a call may opt out (ComfyUI: a MODEL without the option)
+        assert g.replays == 1
+        model.use_cuda_graphs(False)  # drops the graph
+        for _ in range(2):
+            model(x, t, caps, run=BlockRun(cuda_graphs=True))  # or opt in on a model whose default is off
+        assert (g.captures, g.replays) == (2, 2)
+        model.use_cuda_graphs()
         st = offload(model, mode="min_vram", device="cuda", width=256, height=256)
         try:
             got = model(x, t, caps)
@@ -242,3 +256,38 @@ def test_a_capture_that_fails_falls_back_to_eager(caplog):
     assert "runs without CUDA graphs" in caplog.text
     assert model.cuda_graphs.captures == 0
     assert all(torch.equal(o, ref) for o in outs)
+
+
+@cuda
+def test_a_capture_cuda_abandons_turns_graphs_off_and_leaves_the_allocator_sound(caplog):
+    """A sync the warm-up cannot see (here only while capturing) makes CUDA abandon the capture: the model runs
+    eagerly from then on (same results), the caller's stream is current again, the allocator still empties its cache
+    (ComfyUI calls that after every prompt) and another model captures normally."""
+    model = gpu_test_transformer(**SMALL).cuda()
+    model.use_cuda_graphs()
+    block = model.layers[0]
+    plain = block.forward
+
+    def syncing(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return plain(*args, **kwargs)
+
+    block.forward = syncing
+    x, t, caps = inputs(0, "cuda")
+    stream = torch.cuda.current_stream()
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        outs = [model(x, t, caps) for _ in range(3)]
+        ref = model.forward_eager(x, t, caps)
+    assert "CUDA graphs are off for this model" in caplog.text
+    assert model.cuda_graphs.broken and model.cuda_graphs.captures == 0
+    assert all(torch.equal(o, ref) for o in outs)
+    assert torch.cuda.current_stream() == stream
+    torch.cuda.empty_cache()
+    other = gpu_test_transformer(**SMALL).cuda()
+    other.use_cuda_graphs()
+    with torch.inference_mode():
+        for seed in range(3):
+            x, t, caps = inputs(seed, "cuda")
+            assert torch.equal(other(x, t, caps), other.forward_eager(x, t, caps))
+    assert other.cuda_graphs.captures == 1

@@ -77,6 +77,7 @@ class BlockRun:
     cancel: Callable[[], bool] | None = None
     wraps: Sequence[Wrap] = ()
     after: Sequence[After] = ()
+    cuda_graphs: bool | None = None  # may this call replay as a CUDA graph (cuda_graphs.py); None: the model's default
 
     def __call__(self, executor: Executor, call: BlockCall) -> torch.Tensor:
         if self.cancel is not None and self.cancel():

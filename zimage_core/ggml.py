@@ -134,7 +134,7 @@ def q6_k(b):
     return (dl * q.float()).reshape(n, QK_K)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache  # never evicted: a CUDA graph may hold its address (cuda_graphs.py)
 def _iq4_levels(device: torch.device) -> torch.Tensor:
     return torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)  # copied to each device once
 

@@ -87,6 +87,8 @@ def qk_norm_rope(qkv: torch.Tensor, q_norm, k_norm, rope: torch.Tensor) -> tuple
         try:
             return fused_qk_norm_rope(qkv, q_norm.weight, k_norm.weight, q_norm.eps, rope)
         except Exception as e:  # a Triton that cannot build it (too old, an unusual GPU): the plain path from now on
+            if qkv.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # inside a CUDA graph capture the error is the capture's (cuda_graphs.py), not the kernel's
             ENABLED = False
             warnings.warn(f"Z-Image: the fused q/k norm + RoPE kernel failed ({type(e).__name__}: {e}); using the "
                           "plain path (same results, slower).", stacklevel=2)

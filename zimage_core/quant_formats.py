@@ -84,13 +84,13 @@ def unpack_nibbles(packed: torch.Tensor, signed: bool, high_first: bool) -> torc
     return torch.stack(pair, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted (a few devices × dtypes): a CUDA graph may hold its address
 def e2m1_table(device, dtype: torch.dtype) -> torch.Tensor:
     """The 16 fp4 (e2m1) values by code, on ``device`` (made once: no host copy per call)."""
     return torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted (a few sizes × devices × dtypes): a CUDA graph may hold its address
 def hadamard(size: int, device, dtype: torch.dtype) -> torch.Tensor:
     """ConvRot's normalised regular Hadamard matrix: Kronecker powers of a symmetric 4×4 (size a power of 4)."""
     if size < 4 or 4 ** round(math.log(size, 4)) != size:
