@@ -117,10 +117,12 @@ class ZImageModelLoader(io.ComfyNode):
                 io.Boolean.Input("cuda_graphs", default=False, optional=True, advanced=True,
                                  tooltip="Replay each step's transformer forward as one CUDA graph: the first step at a new "
                                          "image size runs normally, the second captures it, later steps skip the launch "
-                                         "overhead of ~2000 kernels (H100: 0.95× the step at 512², 0.91× with compile, no change "
-                                         "at 1024² where the GPU never waits). NVIDIA GPUs, with the transformer fully resident and no "
-                                         "ControlNet or block patches (otherwise steps simply run without). Holds one "
-                                         "step's activations per image size in use (up to 4)."),
+                                         "overhead of ~2000 kernels (H100, 512²: 0.71–0.95× the step, host-dependent; no "
+                                         "change at 1024² where the GPU never waits). NVIDIA GPUs, with the transformer fully "
+                                         "resident and no ControlNet or block patches (otherwise steps simply run without). "
+                                         "Holds one step's activations per image size in use (up to 4; 0.74 GB at 1024²), "
+                                         "which ComfyUI does not count until it unloads the model: leave it off when VRAM "
+                                         "is tight."),
             ],
             outputs=[io.Model.Output(tooltip="A standard MODEL: KSampler, SamplerCustomAdvanced, LoRA loaders, model "
                                              "patches and the Z-Image Sampler all take it.")],

@@ -2,7 +2,7 @@
 
 A step launches ~2000 kernels (60 per block) and runs the Python between them (packing, RoPE lookup, hooks); one
 graph replays all of it with a single launch. Where the GPU already never waits on the host (H100, 1024²) that changes
-nothing; at smaller sizes, or with a slower host, the step is shorter (H100, 512²: 0.95× the eager step).
+nothing; at smaller sizes, or with a slower host, the step is shorter (H100, 512²: 0.71–0.95× the eager step, by host).
 
 A graph bakes in what the capture read: the storage addresses of the weights, their LoRA run-time patches and the
 per-layout RoPE tables, Python numbers (patch factors, the attention backend) and global switches (autocast, TF32,
