@@ -136,6 +136,21 @@ def callers(ctx, model, native, ref):
     return out
 
 
+def interleaved(ctx, impls, x, repeats, peaks: dict | None = None) -> dict[str, list[float]]:
+    """Per implementation, each step's median seconds over ``repeats`` rounds of the 8-step loop, the
+    implementations interleaved, after a warm-up round; ``peaks`` (if given) gets each one's peak GB."""
+    runs = {n: [] for n, _ in impls}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for n, f in impls:
+                if peaks is not None:
+                    ctx.reset_peak()
+                runs[n].append(loop(f, x, ctx.steps, ctx.sync, per_step=True))
+                if peaks is not None:
+                    peaks[n] = ctx.peak_gb()
+    return {n: [median([r[i] for r in rs[1:]]) for i in range(ctx.steps)] for n, rs in runs.items()}
+
+
 def section_resident(ctx, model, a):
     notes = []
     native = ref = None
@@ -154,18 +169,12 @@ def section_resident(ctx, model, a):
     with torch.inference_mode():
         outs = {n: f(ctx.x, t).float() for n, f in impls}
     agree = {n: rel(o, outs["ours"]) for n, o in outs.items() if n != "ours"}
-    rows = {n: {"steps": []} for n, _ in impls}
-    with torch.inference_mode():
-        for _ in range(a.repeats + 1):  # the first round warms every implementation up, then interleave
-            for n, f in impls:
-                ctx.reset_peak()
-                steps = loop(f, ctx.x, ctx.steps, ctx.sync, per_step=True)
-                rows[n]["steps"].append(steps)
-                rows[n]["peak_gb"] = ctx.peak_gb()
-    for r in rows.values():
-        runs = r.pop("steps")[1:]
-        per_step = [median([run[i] for run in runs]) for i in range(ctx.steps)]
-        r.update(per_step_s=per_step, image_s=sum(per_step), step_s=median(per_step[1:]), unevenness=unevenness(per_step))
+    peaks = {}
+    rows = {n: {"per_step_s": per_step, "image_s": sum(per_step), "step_s": median(per_step[1:]),
+                "unevenness": unevenness(per_step)}
+            for n, per_step in interleaved(ctx, impls, ctx.x, a.repeats, peaks).items()}
+    for n, r in rows.items():
+        r["peak_gb"] = peaks[n]
     base = rows["ours"]["image_s"]
     for r in rows.values():
         r["ours_over_this"] = base / r["image_s"]
@@ -199,16 +208,20 @@ def kernel_table(ctx, f, top: int = 12) -> list[dict]:
         {"kernel": "TOTAL", "ms": total / 1e3, "share": 1.0, "calls": sum(r[2] for r in rows)}]
 
 
-def section_sampler(ctx, model):
-    """Our sampler end to end (schedule, Euler in fp32, callbacks) per image, 8 Turbo steps."""
+def sampler_times(ctx, model, noise) -> list[float]:
+    """Our sampler end to end (schedule, Euler in fp32, callbacks), seconds per image, three images of 8 Turbo steps."""
     times = []
-    noise = ctx.x.float()
     for _ in range(3):
         ctx.sync()
         t0 = time.perf_counter()
         zc.sample(model, noise, [ctx.cap], sigmas=zc.sigmas(ctx.steps))
         ctx.sync()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def section_sampler(ctx, model):
+    times = sampler_times(ctx, model, ctx.x.float())
     R["sampler"] = {"image_s": median(times[1:]), "all_s": times}
 
 
@@ -320,8 +333,7 @@ def section_graphs(ctx, model, a):
         eager = lambda x, t: model.forward_eager(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
         impls = [("eager", eager)]
         if native is not None:
-            ctxt = ctx.cap[None]
-            impls.append(("native", lambda x, t: -native(x.to(torch.bfloat16), 1.0 - t, ctxt, ctxt.shape[1])))
+            impls.append(("native", dict(callers(ctx, model, native, None))["comfyui_native"]))
         model.use_cuda_graphs()
         g = model.cuda_graphs
         graphed = lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
@@ -336,29 +348,15 @@ def section_graphs(ctx, model, a):
         if ctx.cuda:
             torch.cuda.empty_cache()
         pool_gb = ((torch.cuda.memory_reserved(ctx.dev) if ctx.cuda else 0) - reserved0) / GB
-        rows = {n: [] for n, _ in impls}
-        with torch.inference_mode():
-            for _ in range(a.repeats + 1):
-                for n, f in impls:
-                    rows[n].append(loop(f, x, ctx.steps, ctx.sync, per_step=True))
-        res = {}
-        for n, runs in rows.items():
-            per_step = [median([r[i] for r in runs[1:]]) for i in range(ctx.steps)]
-            res[n] = {"image_s": sum(per_step), "step_s": median(per_step[1:])}
+        res = {n: {"image_s": sum(per_step), "step_s": median(per_step[1:])}
+               for n, per_step in interleaved(ctx, impls, x, a.repeats).items()}
         fingerprint = Fingerprint(model)
         res["graphs"].update(ratio_to_eager=res["graphs"]["image_s"] / res["eager"]["image_s"],
                              rel_to_eager=rel(got, ref), captures=g.captures, replays=g.replays,
                              capture_call_s=capture_s, pool_gb=pool_gb,
                              fingerprint_ms=1e3 * min(timed(ctx, fingerprint, 1) for _ in range(5)))
         if size == a.size:  # our sampler end to end with graphs on (schedule, Euler, callbacks), as in section_sampler
-            times = []
-            for _ in range(3):
-                ctx.sync()
-                t0 = time.perf_counter()
-                zc.sample(model, x.float(), [ctx.cap], sigmas=zc.sigmas(ctx.steps))
-                ctx.sync()
-                times.append(time.perf_counter() - t0)
-            res["graphs"]["sampler_image_s"] = median(times[1:])
+            res["graphs"]["sampler_image_s"] = median(sampler_times(ctx, model, x.float())[1:])
         if "native" in res:
             res["graphs"]["ratio_to_native_eager"] = res["graphs"]["image_s"] / res["native"]["image_s"]
             res["eager"]["ratio_to_native_eager"] = res["eager"]["image_s"] / res["native"]["image_s"]
@@ -387,11 +385,7 @@ def section_graphs_compiled(ctx, model, a):
                 for _ in range(3):  # compile, then the graph's eager call and capture
                     ref, got = impls[0][1](x, t).float(), impls[1][1](x, t).float()
                 warm_s = time.perf_counter() - t0
-                rows = {n: [] for n, _ in impls}
-                for _ in range(a.repeats + 1):
-                    for n, f in impls:
-                        rows[n].append(loop(f, x, ctx.steps, ctx.sync, per_step=True))
-            res = {n: {"image_s": sum(median([r[i] for r in runs[1:]]) for i in range(ctx.steps))} for n, runs in rows.items()}
+            res = {n: {"image_s": sum(per_step)} for n, per_step in interleaved(ctx, impls, x, a.repeats).items()}
             res["compiled_graphs"].update(ratio_to_compiled=res["compiled_graphs"]["image_s"] / res["compiled"]["image_s"],
                                           rel_to_compiled=rel(got, ref), captures=model.cuda_graphs.captures, warm_s=warm_s)
             eager = R.get("graphs", {}).get(str(size), {}).get("eager")

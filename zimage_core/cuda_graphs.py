@@ -104,11 +104,6 @@ class Fingerprint:
                 *[v if type(v) in _PLAIN else _print(v) for v in values])
 
 
-def fingerprint(model: torch.nn.Module) -> tuple:
-    """``Fingerprint(model)()``, once."""
-    return Fingerprint(model)()
-
-
 def switches(device: torch.device) -> tuple:
     """Process-wide settings a capture bakes in: autocast, reduced-precision GEMMs, the SDPA backends allowed."""
     b = torch.backends
@@ -124,6 +119,7 @@ class CudaGraphs:
 
     def __init__(self, model, max_graphs: int = 4):
         self.model, self.max_graphs = model, max_graphs
+        self.enabled = False  # the model's default (use_cuda_graphs); a call's run.cuda_graphs overrides it
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.seen: set[tuple] = set()  # layouts that ran once eagerly
         self.failed: set[tuple] = set()  # layouts whose forward cannot be captured (a host sync): eager
@@ -151,10 +147,11 @@ class CudaGraphs:
         """Whether this call can replay a graph: a plain batch tensor on a resident CUDA model, no per-block hooks,
         no autograd, not inside another capture or a compile trace."""
         m = self.model
-        if not (isinstance(x, torch.Tensor) and m.device.type == "cuda" and getattr(m.executor, "static", False)):
+        cuda, static = m.device.type == "cuda", m.executor.static
+        if not (isinstance(x, torch.Tensor) and cuda and static):
             if self.graphs:
                 self.drop()  # streamed or moved off the GPU: hold no memory for graphs that cannot replay
-            if m.device.type == "cuda" and not getattr(m.executor, "static", False) and not self.warned:
+            if cuda and not static and not self.warned:
                 self.warned = True
                 log.warning("Z-Image: CUDA graphs need the transformer resident on the GPU; blocks are streamed "
                             "(offloading), so steps run without them.")

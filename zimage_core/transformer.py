@@ -239,8 +239,7 @@ class ZImageTransformer(nn.Module):
         self.lora_patcher: LoraPatcher | None = None  # created by LoraPatcher.of on the first LoRA
         self.source_path: str | None = None  # set by the loader: the file or folder the weights came from
         self.source_layout: str | None = None  # "comfyui" or "diffusers"
-        self.cuda_graphs: CudaGraphs | None = None  # created on first use (use_cuda_graphs, run.cuda_graphs)
-        self.cuda_graphs_default = False
+        self.cuda_graphs = CudaGraphs(self)  # off unless use_cuda_graphs() or a call's run.cuda_graphs asks
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -308,21 +307,17 @@ class ZImageTransformer(nn.Module):
         """By default, replay the plain forward as CUDA graphs where it can (resident on an NVIDIA GPU, no block hooks;
         see cuda_graphs.py); elsewhere, and with ``on`` False, it runs eagerly. A call's ``run.cuda_graphs`` overrides
         the default (ComfyUI: per MODEL, from the loader's option)."""
-        self.cuda_graphs_default = on
-        if on and self.cuda_graphs is None:
-            self.cuda_graphs = CudaGraphs(self)
-        elif not on and self.cuda_graphs is not None:
+        self.cuda_graphs.enabled = on
+        if not on:
             self.cuda_graphs.drop()
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, t, captions, run: BlockRun | None = None):
         """The plain path (text-to-image): per sample [image tokens | caption tokens]. Replayed as a CUDA graph
         where ``use_cuda_graphs`` (or ``run.cuda_graphs``) asks for it and the call allows it, else eager."""
-        if self.cuda_graphs_default if run is None or run.cuda_graphs is None else run.cuda_graphs:
-            if self.cuda_graphs is None:
-                self.cuda_graphs = CudaGraphs(self)
-            if self.cuda_graphs.applies(x, captions, run):
-                return self.cuda_graphs(x, t, captions, run)
+        g = self.cuda_graphs
+        if (g.enabled if run is None or run.cuda_graphs is None else run.cuda_graphs) and g.applies(x, captions, run):
+            return g(x, t, captions, run)
         return self.forward_eager(x, t, captions, run)
 
     def forward_eager(self, x, t, captions, run: BlockRun | None = None):
