@@ -4,7 +4,9 @@ while loading.
     python benchmarks/bench_transformer.py [--device cpu|cuda] [--repeats N] [--skip-load] [--compile] [--dtype float32]
 
 Forward: dim 1024, 8 heads of 128, 4 layers, 2+2 refiners, 64×64 latent (1024 image tokens), 100 caption
-tokens, fp32 and bf16, batch 1; interleaved medians and the ratios ours / diffusers and ours / native.
+tokens, fp32 and bf16, batch 1; interleaved medians and the ratios ours / diffusers and ours / native, then the
+same ratios (and compiled / eager) taken round by round, with a 95% interval (``timing.paired_ratio``): on a shared
+machine whose speed drifts by 20% a ratio of medians cannot tell 0.98 from 1.0, the paired one can say whether it may.
 Native NextDiT is imported from ``COMFYUI_PATH`` (else ~/ComfyUI) and skipped with a message when that does
 not import (run with ComfyUI's own Python to include it); diffusers likewise. ``--compile`` adds ours with
 ``compile_blocks()`` (inductor; the first call compiles and is not timed).
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from timing import timed  # noqa: E402
+from timing import paired_ratio, rounds  # noqa: E402
 from tiny import diffusers_transformer, save_comfyui, save_diffusers_folder  # noqa: E402
 
 import zimage_core as zc  # noqa: E402
@@ -102,13 +104,17 @@ def bench_forward(device: str, repeats: int, compile_: bool, dtypes=(torch.float
                 if native is not None and dtype == torch.float32:  # same weights, same math: a sanity check
                     a, b = ours(x, t, caps), -native(x, 1 - t, caps[0][None], 100)
                     print(f"native vs ours fp32 relative difference {float((a - b).norm() / b.norm()):.2e}")
-                med = timed(fns, repeats, sync)
+                ts = rounds(fns, repeats, sync)
+            med = {k: sorted(v)[repeats // 2] for k, v in ts.items()}
             row = {"dtype": str(dtype).split(".")[-1], **{f"{k}_s": v for k, v in med.items()}}
             for k in ("diffusers", "native"):
                 if k in med:
                     row[f"ours/{k}"] = med["ours"] / med[k]
                     if "ours_compiled" in med:
                         row[f"compiled/{k}"] = med["ours_compiled"] / med[k]
+            for a, b in (("ours", "diffusers"), ("ours", "native"), ("ours_compiled", "ours")):
+                if a in ts and b in ts:  # per-round ratios: what load drift cannot fake (timing.paired_ratio)
+                    row[f"paired {a}/{b} [95% CI]"] = "{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(ts[a], ts[b]))
             rows.append(row)
     return rows
 
