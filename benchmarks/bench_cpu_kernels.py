@@ -21,18 +21,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import paired_ratio, rounds  # noqa: E402
+from timing import medians, paired_ratio, rounds  # noqa: E402
 
 
 def report(title: str, fns: dict, flops: float, repeats: int) -> None:
     with torch.inference_mode():
         ts = rounds(fns, repeats, lambda: None)
-    base = next(iter(fns))
+    base, med = next(iter(fns)), medians(ts)
     parts = []
     for k, t in ts.items():
-        med = sorted(t)[repeats // 2]
         ratio = "" if k == base else " ×{:.3f} [{:.3f}, {:.3f}]".format(*paired_ratio(t, ts[base]))
-        parts.append(f"{k} {med * 1e3:.1f} ms {flops / med / 1e9:.0f} GFLOP/s{ratio}")
+        parts.append(f"{k} {med[k] * 1e3:.1f} ms {flops / med[k] / 1e9:.0f} GFLOP/s{ratio}")
     print(f"{title:24s} " + " | ".join(parts))
 
 

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from timing import paired_ratio, rounds  # noqa: E402
+from timing import medians, paired_ratio, rounds  # noqa: E402
 from tiny import diffusers_transformer, save_comfyui, save_diffusers_folder  # noqa: E402
 
 import zimage_core as zc  # noqa: E402
@@ -105,7 +105,7 @@ def bench_forward(device: str, repeats: int, compile_: bool, dtypes=(torch.float
                     a, b = ours(x, t, caps), -native(x, 1 - t, caps[0][None], 100)
                     print(f"native vs ours fp32 relative difference {float((a - b).norm() / b.norm()):.2e}")
                 ts = rounds(fns, repeats, sync)
-            med = {k: sorted(v)[repeats // 2] for k, v in ts.items()}
+            med = medians(ts)
             row = {"dtype": str(dtype).split(".")[-1], **{f"{k}_s": v for k, v in med.items()}}
             for k in ("diffusers", "native"):
                 if k in med:

@@ -290,11 +290,16 @@ def section_diffusers_offload(ctx, model, resident_image_s):
     R["diffusers_offload"] = rows
 
 
+def eager_blocks(model) -> None:
+    """Undo ``compile_blocks``: every block back to its eager forward (the compiled code is dropped)."""
+    for b in model.blocks():
+        b._compiled_call_impl = None
+
+
 def section_compile(ctx, model, a, eager_image_s):
     """Regional compilation (each block compiled once per shape, as ComfyUI's TorchCompileModel does it)."""
     model.to(ctx.dev)
-    for b in model.blocks():
-        b.compile(dynamic=False)
+    model.compile_blocks(dynamic=False)
     f = lambda x, t: model(x.to(torch.bfloat16), t, [ctx.cap])  # noqa: E731
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -304,8 +309,7 @@ def section_compile(ctx, model, a, eager_image_s):
         t = torch.tensor([0.5], device=ctx.dev)
         out = f(ctx.x, t).float()
     per_step = [median([r[i] for r in runs]) for i in range(ctx.steps)]
-    for b in model.blocks():
-        b._compiled_call_impl = None  # back to eager
+    eager_blocks(model)
     with torch.inference_mode():
         ref = f(ctx.x, t).float()
     R["compile"] = {"first_image_s_incl_compile": sum(first), "compile_wall_s": compile_s, "image_s": sum(per_step),
@@ -396,8 +400,7 @@ def section_graphs_compiled(ctx, model, a):
             R["graphs_compiled"] = out
     finally:
         model.use_cuda_graphs(False)
-        for b in model.blocks():
-            b._compiled_call_impl = None  # back to eager
+        eager_blocks(model)
 
 
 def section_fp8(ctx, a, bf16_image_s):

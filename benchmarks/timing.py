@@ -25,9 +25,14 @@ def rounds(fns: dict, repeats: int, sync) -> dict:
     return ts
 
 
+def medians(ts: dict) -> dict:
+    """Each function's median round (the upper one of an even count) from ``rounds``."""
+    return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+
+
 def timed(fns: dict, repeats: int, sync) -> dict:
     """Median seconds of each function over interleaved ``rounds``."""
-    return {k: sorted(v)[repeats // 2] for k, v in rounds(fns, repeats, sync).items()}
+    return medians(rounds(fns, repeats, sync))
 
 
 def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
